@@ -1,0 +1,134 @@
+"""Segmentation models from config: segmentation-models-pytorch, offline, meta-learning ready.
+
+Two decisions live here rather than in the callers:
+
+* Weights are never downloaded. ``model.encoder_weights`` is ``null`` (random init) or the
+  path of a local state-dict file for the encoder. A hub name such as ``imagenet`` fails
+  with the fix, because smp would otherwise reach for the network.
+* BatchNorm runs on batch statistics everywhere (``model.norm: batch``), the convention of
+  MAML (Finn et al., 2017): ``track_running_stats`` is off and the running buffers are
+  removed. Each task is normalised by its own support or query batch, so no task's
+  statistics can leak into the stored model, and there is no state besides the parameters
+  for the inner loop to carry. At evaluation, images are normalised by the statistics of
+  the batch they are scored in (``eval.batch_size``). ``model.norm: group`` swaps every
+  BatchNorm for a GroupNorm, which needs no batch at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from metaseg.utils.errors import ConfigError
+
+NORMS = ("batch", "group")
+
+
+def _group_norm_for(bn: nn.BatchNorm2d) -> nn.GroupNorm:
+    channels = bn.num_features
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, affine=True)
+
+
+def set_norm(model: nn.Module, norm: str) -> nn.Module:
+    """Switch every BatchNorm of ``model`` to the normalisation ``norm`` names, in place."""
+    if norm not in NORMS:
+        raise ConfigError(f"model.norm={norm!r} is not one of {', '.join(NORMS)}")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+                continue
+            if norm == "group":
+                setattr(module, child_name, _group_norm_for(child))
+            else:
+                child.track_running_stats = False
+                child.running_mean = None
+                child.running_var = None
+                child.num_batches_tracked = None
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: str, key: str = "model.encoder_weights") -> None:
+    """Load a local state dict into ``model.encoder``; running-stat keys are dropped."""
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{key}={path!r} is not a local file: metaseg never downloads weights. "
+            f"Save the encoder's state dict to a file (torch.save(encoder.state_dict(), 'enc.pth')) "
+            f"and pass {key}=/path/to/enc.pth, or {key}=null for random init"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ConfigError(f"{key}={path!r} could not be read as a torch state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = model.encoder.state_dict()
+    state = {k: v for k, v in state.items() if k in own}
+    if not state:
+        raise ConfigError(
+            f"{key}={path!r} has no tensor whose name matches the {type(model.encoder).__name__} "
+            f"encoder (expected keys such as {next(iter(own))!r})"
+        )
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ConfigError(
+            f"{key}={path!r} lacks {len(missing)} encoder tensors (first: {missing[0]!r}); "
+            f"is it the state dict of model.encoder for this architecture?"
+        )
+    model.encoder.load_state_dict(state)
+
+
+def drop_unused_modules(model: nn.Module, in_channels: int, size: int = 64) -> list[str]:
+    """Replace submodules the forward pass never reaches with ``nn.Identity``; returns their names.
+
+    An encoder cut short (``encoder_depth: 3``) keeps its deeper stages in smp; they would
+    otherwise be stored, checkpointed and carried through every inner loop for nothing.
+    """
+    model.train()
+    x = torch.randn(2, in_channels, size, size)
+    model.zero_grad(set_to_none=True)
+    model(x).float().sum().backward()
+    unused = {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    model.zero_grad(set_to_none=True)
+    dropped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(d + ".") for d in dropped):
+            continue
+        names = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if names and all(n in unused for n in names):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+            dropped.append(name)
+    return dropped
+
+
+def build_model(cfg: Any, num_classes: int) -> nn.Module:
+    """Build the smp model ``cfg`` (a ``ModelConfig``) describes, with ``num_classes`` outputs."""
+    extra = dict(cfg.extra or {})
+    if "decoder_channels" in extra and extra["decoder_channels"] is not None:
+        extra["decoder_channels"] = tuple(extra["decoder_channels"])
+    try:
+        model = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder,
+            encoder_weights=None,
+            in_channels=cfg.in_channels,
+            classes=num_classes,
+            **extra,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"model.arch={cfg.arch!r} / model.encoder={cfg.encoder!r} / model.extra={extra}: "
+            f"segmentation-models-pytorch refused it: {exc}"
+        ) from exc
+    weights = cfg.encoder_weights
+    if weights is not None:
+        # Load before changing norms so a file with running stats still matches the encoder.
+        load_encoder_weights(model, os.path.expanduser(str(weights)))
+    set_norm(model, cfg.norm)
+    drop_unused_modules(model, cfg.in_channels)
+    return model

@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import metaseg.config  # noqa: F401 - registers schemas
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["experiment=smoke"]
+
+
+def compose_cfg(name: str = "train", overrides=()):
+    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_cfg():
+    return lambda *overrides: compose_cfg("train", [*TINY, "trainer.device=cpu", *overrides])
+
+
+def run_cli(prog: str, *args: str, cwd, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run an installed console script from ``cwd`` (not the repo), as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([str(BIN / prog), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

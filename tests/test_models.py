@@ -1,0 +1,46 @@
+"""Model factory: offline weights from a local file, clear errors otherwise."""
+
+import pytest
+import torch
+
+from metaseg.config import ModelConfig
+from metaseg.models import build_model
+from metaseg.utils.errors import ConfigError
+
+SMALL = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+
+
+def test_weights_by_hub_name_fail_with_the_fix():
+    with pytest.raises(ConfigError, match=r"model.encoder_weights='imagenet' is not a local file.*never downloads"):
+        build_model(ModelConfig(encoder_weights="imagenet", extra=SMALL), 4)
+
+
+def test_local_encoder_weights_are_loaded(tmp_path):
+    torch.manual_seed(1)
+    donor = build_model(ModelConfig(extra=SMALL), 4)
+    full = __import__("segmentation_models_pytorch").create_model(
+        "Unet", encoder_name="resnet18", encoder_weights=None, classes=4, **{**SMALL, "decoder_channels": (16, 8, 8)})
+    torch.save(full.encoder.state_dict(), tmp_path / "enc.pth")
+    model = build_model(ModelConfig(encoder_weights=str(tmp_path / "enc.pth"), extra=SMALL), 4)
+    ref = full.encoder.state_dict()
+    loaded = model.encoder.state_dict()
+    assert loaded and all(torch.equal(loaded[k], ref[k]) for k in loaded)
+    assert not torch.equal(donor.encoder.conv1.weight, model.encoder.conv1.weight)
+
+
+def test_wrong_weights_file_is_named(tmp_path):
+    torch.save({"something": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match="bad.pth.*no tensor whose name matches"):
+        build_model(ModelConfig(encoder_weights=str(tmp_path / "bad.pth"), extra=SMALL), 4)
+
+
+def test_unknown_encoder_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.encoder='resnet1800'"):
+        build_model(ModelConfig(encoder="resnet1800"), 4)
+
+
+def test_unused_encoder_stages_are_dropped():
+    model = build_model(ModelConfig(extra=SMALL), 4)
+    assert isinstance(model.encoder.layer4, torch.nn.Identity)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
