@@ -1,4 +1,8 @@
-"""The installed commands end to end at tiny sizes: train, its outputs, eval on its checkpoint."""
+"""The installed commands end to end, exactly as the README's contract writes them.
+
+Training runs the contract command on the default mix (20 outer steps, about a minute);
+evaluation runs ``metaseg-eval checkpoint=D/checkpoints/last.pt hydra.run.dir=E`` as is.
+"""
 
 import json
 
@@ -14,8 +18,7 @@ CONTRACT = ["meta.inner_lr=0.05", "meta.outer_lr=0.001", "meta.inner_steps=3", "
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     run_dir = root / "D"
-    out = run_cli("metaseg-train", "experiment=smoke", "trainer.device=cpu", "trainer.eval_every=10",
-                  "trainer.ckpt_every=10", *CONTRACT, f"hydra.run.dir={run_dir}", cwd=root)
+    out = run_cli("metaseg-train", *CONTRACT, f"hydra.run.dir={run_dir}", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     return root, run_dir
 
@@ -53,14 +56,14 @@ def test_tensorboard_has_the_documented_scalars(trained):
     assert {"train/outer_loss", "train/query_loss_before", "train/query_loss_after",
             "heldout/synth_4/zero_shot_miou", "heldout/synth_4/adapted_miou",
             "heldout/synth_5/adapted_mf1"} <= tags
-    assert [e.step for e in acc.Scalars("heldout/synth_4/adapted_miou")] == [10, 20]
+    assert [e.step for e in acc.Scalars("heldout/synth_4/adapted_miou")] == [20]
+    assert [e.step for e in acc.Scalars("train/outer_loss")] == [10, 20]
 
 
 def test_eval_cli_on_the_checkpoint(trained):
     root, d = trained
     e = root / "E"
-    out = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "device=cpu",
-                  "eval.shots=2", "eval.episodes=3", f"hydra.run.dir={e}", cwd=root)
+    out = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={e}", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((e / "eval.json").read_text())
     assert set(result["datasets"]) == {"synth_4", "synth_5"}
@@ -69,16 +72,18 @@ def test_eval_cli_on_the_checkpoint(trained):
         for key in ("miou", "mf1", "pixel_acc"):
             assert 0 <= z[key] <= 1
             assert 0 <= a[key]["mean"] <= 1 and a[key]["ci95"] >= 0
-        assert a["shots"] == 2 and len(a["per_episode"]) == 3
+        assert a["shots"] == 5 and len(a["per_episode"]) == 5
         supports = [tuple(ep["support"]) for ep in a["per_episode"]]
-        assert len(set(supports)) == 3  # episodes draw different support sets
+        assert len(set(supports)) == 5  # episodes draw different support sets
         assert a["adapt_steps"] == 3 and a["adapt_lr"] == 0.05  # from the checkpoint's meta config
     # the same command twice gives the same numbers (seeded episodes, CPU)
-    out2 = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "device=cpu",
-                   "eval.shots=2", "eval.episodes=3", f"hydra.run.dir={root / 'E2'}", cwd=root)
+    out2 = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "eval.episodes=2",
+                   f"hydra.run.dir={root / 'E2'}", cwd=root)
     assert out2.returncode == 0
     again = json.loads((root / "E2" / "eval.json").read_text())
-    assert again["datasets"] == result["datasets"]
+    for name, res in again["datasets"].items():  # same seeded episodes give the same numbers
+        assert res["zero_shot"] == result["datasets"][name]["zero_shot"]
+        assert res["adapted"]["per_episode"] == result["datasets"][name]["adapted"]["per_episode"][:2]
 
 
 def test_eval_missing_checkpoint_is_one_line(tmp_path):
