@@ -37,7 +37,7 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25
 IGNORE_COLOUR = (128, 128, 128)
 PANEL = 192  # panels are fitted into PANEL x PANEL pixels
 MARGIN, GAP, HEADER, CAPTION = 10, 8, 22, 20
-BG, INK = (255, 255, 255), (20, 20, 20)
+BG, INK, LETTERBOX = (255, 255, 255), (20, 20, 20), (225, 225, 225)
 
 
 def palette(num_classes: int) -> list[tuple[int, int, int]]:
@@ -128,7 +128,8 @@ def render_grid(title: str, rows: Sequence[dict], columns: Sequence[str], classe
         for j, (panel, caption) in enumerate(zip(row["panels"], row["captions"])):
             x = MARGIN + j * (PANEL + GAP)
             img = _fit(panel)
-            draw.rectangle([x - 1, y - 1, x + PANEL, y + PANEL], outline=(200, 200, 200))
+            # letterbox in light grey, so that white labels (binary foreground) stay visible at the edges
+            draw.rectangle([x - 1, y - 1, x + PANEL, y + PANEL], fill=LETTERBOX, outline=(200, 200, 200))
             canvas.paste(img, (x + (PANEL - img.width) // 2, y + (PANEL - img.height) // 2))
             draw.text((x, y + PANEL + 3), caption, fill=INK, font=font)
     y = top + len(rows) * row_h
