@@ -80,8 +80,9 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline
              else cfg.checkpoint, list(mix.heldout), cfg.eval.shots, cfg.eval.episodes, cfg.eval.mode)
     result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
-    pictures = result.pictures
+    pictures, seconds = result.pictures, result.seconds
     result = dict(result)
+    result["seconds"] = seconds  # wall time per dataset (not reproducible, unlike everything else)
     result["checkpoint"] = NO_CHECKPOINT if baseline else str(cfg.checkpoint)
     result["step"] = step
     result["seed"] = cfg.seed

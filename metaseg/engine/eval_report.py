@@ -221,9 +221,13 @@ def markdown_report(result: dict) -> str:
     p = result.get("protocol", {})
     ks = _shots(result)
     out = ["# metaseg evaluation", ""]
-    if result.get("checkpoint") is not None:
+    model = (result.get("config") or {}).get("model") or {}
+    what = f"{model.get('arch')} / {model.get('encoder')}" if model else "the model"
+    if result.get("checkpoint") == "none":
+        out.append(f"- model: {what}, random init (`checkpoint=none`), fine-tuned on the k shots")
+    elif result.get("checkpoint") is not None:
         step = f" (step {result['step']})" if result.get("step") is not None else ""
-        out.append(f"- checkpoint: `{result['checkpoint']}`{step}")
+        out.append(f"- checkpoint: `{result['checkpoint']}`{step}, {what}")
     if p:
         out.append(f"- protocol: `{p['mode']}` mode; k in {p['shots']}; {p['episodes']} episodes per k; "
                    f"adaptation: {p['adapt_steps']} SGD step{'' if p['adapt_steps'] == 1 else 's'} at lr {p['adapt_lr']}; "
@@ -311,7 +315,7 @@ def write_reports(result: dict, pictures: dict[str, torch.Tensor], run_dir: str 
     run_dir = Path(run_dir)
     paths = {}
     for name, grid in pictures.items():
-        rel = f"pictures/{name}.png"
+        rel = f"pictures/{name.replace('/', '_').replace(chr(92), '_')}.png"
         save_png(grid, run_dir / rel)
         paths[name] = rel
     result = {**result, "pictures": paths}

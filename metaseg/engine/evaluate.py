@@ -45,15 +45,18 @@ BINARY_KEYS = ("fg_iou", "fg_dice")
 
 
 class EvalResult(dict):
-    """The ``eval.json`` structure, plus ``pictures``: dataset name -> uint8 (3, H, W) PNG grid.
+    """The ``eval.json`` structure, plus ``pictures`` (dataset name -> uint8 (3, H, W) PNG grid)
+    and ``seconds`` (dataset name -> wall time).
 
-    A ``dict`` so that every existing consumer (``write_json``, ``metrics.json``) sees plain
-    data; the pictures ride along as an attribute because they are not JSON.
+    A ``dict`` so that every existing consumer (``write_json``, ``metrics.json``) sees plain,
+    reproducible data; pictures and timings ride along as attributes because they are not
+    JSON or not reproducible.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pictures: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}
 
 
 # -- config -------------------------------------------------------------------------------
@@ -262,12 +265,12 @@ def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_cla
     validate_eval(cfg)
     names = list(classes) if classes else [f"class {c}" for c in range(num_classes)]
     out = EvalResult({"classes": list(classes) if classes else None, "protocol": protocol(cfg, learner, seed),
-                      "datasets": {}, "seconds": {}})
+                      "datasets": {}})
     for name, ds in datasets.items():
         t0 = time.perf_counter()
         gallery: Optional[dict] = {} if cfg.pictures > 0 else None
         res = evaluate_dataset(learner, name, ds, num_classes, cfg, device, seed, gallery)
-        out["seconds"][name] = time.perf_counter() - t0  # kept out of "datasets": those are reproducible
+        out.seconds[name] = time.perf_counter() - t0
         out["datasets"][name] = res
         if gallery is not None and gallery["indices"]:
             out.pictures[name] = render_gallery(name, ds, gallery, names, mode=cfg.mode)
@@ -277,7 +280,7 @@ def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_cla
             a = res["adapted"][str(k)]
             msg += (f" | {k}-shot mIoU {a['miou']['mean']:.3f} +- {a['miou']['ci95']:.3f}"
                     f" mF1 {a['mf1']['mean']:.3f} +- {a['mf1']['ci95']:.3f}")
-        log.info("%s (%.1fs)", msg, out["seconds"][name])
+        log.info("%s (%.1fs)", msg, out.seconds[name])
     if datasets:
         out["mean"] = _dataset_means(out["datasets"])
     return out
