@@ -83,12 +83,18 @@ class TrainerConfig:
 class EvalConfig:
     """The held-out protocol: zero-shot, then few-shot adaptation, scored on the rest."""
 
-    shots: int = 5  # labelled images of the held-out dataset to adapt on
-    episodes: int = 5  # support sets drawn per dataset; scores are mean and 95% CI over them
+    # k labelled images to adapt on: an int (5) or a list ([1, 5, 10]; the first k also fills
+    # the top-level "adapted" scores). Any: OmegaConf has no int-or-list type; checked in code.
+    shots: Any = 5
+    episodes: int = 10  # support sets drawn per k and dataset; scores are mean and 95% CI over them
     adapt_steps: Optional[int] = None  # inner steps when adapting; null: meta.inner_steps
     adapt_lr: Optional[float] = None  # inner step size when adapting; null: meta.inner_lr
-    batch_size: int = 16  # images scored per forward pass (BatchNorm normalises per batch)
+    batch_size: int = 16  # images (slide: windows) scored per forward pass (BatchNorm normalises per batch)
     max_images: Optional[int] = None  # cap on images scored per dataset; null: all the rest
+    mode: str = "resize"  # resize: score samples at the training size | slide: window over full resolution
+    window: Optional[int] = None  # slide: square window side; null: the training size (the samples' size)
+    stride: Optional[int] = None  # slide: window step; null: half the window
+    pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
 
 
 @dataclass
@@ -103,8 +109,10 @@ class TrainConfig:
 
 @dataclass
 class EvalRunConfig:
-    checkpoint: str = MISSING  # path of a metaseg checkpoint (.pt)
+    checkpoint: str = MISSING  # path of a metaseg checkpoint (.pt), or none: a random-init baseline
     data: Optional[DataConfig] = None  # null: the checkpoint's own mix and held-out datasets
+    model: Optional[ModelConfig] = None  # checkpoint=none only: the model to initialise at random
+    meta: Optional[MetaConfig] = None  # checkpoint=none only: adaptation defaults (inner_steps, inner_lr)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     precision: str = "32"

@@ -1,4 +1,12 @@
-"""``metaseg-eval``'s engine: a checkpoint, rebuilt from its own config, through the held-out protocol."""
+"""``metaseg-eval``'s engine: a checkpoint (or a random-init baseline) through the held-out protocol.
+
+With a checkpoint, the model, its label space and the adaptation defaults (alpha, K) come from
+the checkpoint's own config; ``data`` defaults to its mix. With ``checkpoint=none`` the
+``model`` group is initialised at random (seeded by ``seed``) on the given ``data``'s label
+space and fine-tuned on the same k shots, with ``eval.adapt_steps`` / ``eval.adapt_lr``
+defaulting to the ``meta`` group: the baseline goes through exactly the protocol a meta-learned
+(or ``erm``) checkpoint does, so one table compares like with like.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +16,83 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from metaseg.config import TrainConfig
+from metaseg.config import MetaConfig, TrainConfig
 from metaseg.data.mix import build_mix
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.evaluate import evaluate_heldout
+from metaseg.engine.eval_report import write_reports
+from metaseg.engine.evaluate import evaluate_heldout, validate_eval
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import CheckpointError, ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
+NO_CHECKPOINT = "none"
 
 
-def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
-    """Load a checkpoint, evaluate its (or the given) held-out datasets, write ``eval.json``."""
-    seed_everything(cfg.seed)
+def _from_checkpoint(cfg: Any):
+    """(model with the checkpoint's weights, its model config, meta config, data config, step)."""
     ckpt = load_checkpoint(cfg.checkpoint)
     try:
         train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     except Exception as exc:  # noqa: BLE001 - schema mismatch of an older/newer checkpoint
         raise CheckpointError(f"checkpoint={cfg.checkpoint!r}: its config does not fit this metaseg: {exc}") from exc
     data_cfg = cfg.data if cfg.data is not None else train_cfg.data
-    if not data_cfg.heldout:
-        raise ConfigError("no held-out dataset to evaluate: set data.heldout=[NAME,...]")
-    mix = build_mix(data_cfg, need_train=False)
     classes = list(ckpt.get("classes") or train_cfg.data.classes)
-    if len(mix.classes) != len(classes):
+    if len(data_cfg.classes) != len(classes):
         raise ConfigError(
-            f"data.classes has {len(mix.classes)} classes but the checkpoint's head predicts {len(classes)} "
+            f"data.classes has {len(data_cfg.classes)} classes but the checkpoint's head predicts {len(classes)} "
             f"({classes}); evaluate on data with the checkpoint's label space")
-    device = resolve_device(cfg.device)
     model = build_model(train_cfg.model, len(classes))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint={cfg.checkpoint!r}: weights do not fit its model config: "
                               f"{str(exc).splitlines()[0]}") from exc
-    learner = make_learner(model.to(device), train_cfg.meta, Precision(cfg.precision, device.type))
+    return model, train_cfg.model, train_cfg.meta, data_cfg, ckpt.get("step")
+
+
+def _random_init(cfg: Any):
+    """The ``checkpoint=none`` baseline: the ``model`` group at random init on ``data``'s label space."""
+    if cfg.data is None:
+        raise ConfigError("checkpoint=none needs the data to evaluate: add data=NAME (e.g. data=synthetic)")
+    if cfg.model is None:
+        raise ConfigError("checkpoint=none needs a model to initialise: add model=NAME (e.g. model=unet_resnet18)")
+    if len(cfg.data.mean) != cfg.model.in_channels:
+        raise ConfigError(f"data.mean has {len(cfg.data.mean)} values but model.in_channels={cfg.model.in_channels}")
+    model = build_model(cfg.model, len(cfg.data.classes))
+    meta = cfg.meta if cfg.meta is not None else OmegaConf.structured(MetaConfig)
+    return model, cfg.model, meta, cfg.data, None
+
+
+def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
+    """Evaluate the checkpoint's (or the given) held-out datasets; write eval.json, eval.md, eval.csv, pictures/."""
+    validate_eval(cfg.eval)
+    seed_everything(cfg.seed)
+    baseline = str(cfg.checkpoint).strip().lower() == NO_CHECKPOINT
+    model, model_cfg, meta_cfg, data_cfg, step = _random_init(cfg) if baseline else _from_checkpoint(cfg)
+    if not data_cfg.heldout:
+        raise ConfigError("no held-out dataset to evaluate: set data.heldout=[NAME,...]")
+    mix = build_mix(data_cfg, need_train=False)
+    device = resolve_device(cfg.device)
+    learner = make_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type))
+    log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline
+             else cfg.checkpoint, list(mix.heldout), cfg.eval.shots, cfg.eval.episodes, cfg.eval.mode)
     result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
-    result["checkpoint"] = str(cfg.checkpoint)
-    result["step"] = ckpt.get("step")
-    result["config"] = OmegaConf.to_container(cfg, resolve=True)
-    write_json(Path(run_dir) / "eval.json", result)
-    log.info("wrote %s", Path(run_dir) / "eval.json")
+    pictures, seconds = result.pictures, result.seconds
+    result = dict(result)
+    result["seconds"] = seconds  # wall time per dataset (not reproducible, unlike everything else)
+    result["checkpoint"] = NO_CHECKPOINT if baseline else str(cfg.checkpoint)
+    result["step"] = step
+    result["seed"] = cfg.seed
+    # the config as run: model and meta are the ones used (the checkpoint's, unless checkpoint=none)
+    result["config"] = {**OmegaConf.to_container(cfg, resolve=True),
+                        "data": OmegaConf.to_container(data_cfg, resolve=True),
+                        "model": OmegaConf.to_container(model_cfg, resolve=True),
+                        "meta": OmegaConf.to_container(meta_cfg, resolve=True)}
+    run_dir = Path(run_dir)
+    result["pictures"] = write_reports(result, pictures, run_dir)
+    write_json(run_dir / "eval.json", result)
+    log.info("wrote %s, eval.md, eval.csv and %d picture(s)", run_dir / "eval.json", len(pictures))
     return result

@@ -1,101 +1,286 @@
-"""The held-out protocol: zero-shot, then few-shot adaptation scored on the rest.
+"""The held-out protocol: zero-shot once, then seeded few-shot episodes for every k, scored on the rest.
 
-For each held-out dataset: score every image with theta as it is (zero-shot). Then for each
-of ``eval.episodes`` episodes, draw ``eval.shots`` support images with a generator seeded by
-(seed, dataset, episode), adapt a copy of theta on them with the inner loop, and score the
-remaining images. Every episode starts from the same theta. Scores are confusion-matrix
-(dataset-reduction) mIoU and mean F1; adapted scores are the mean and 95% interval over
-episodes.
+For each held-out dataset of n images:
+
+1. **Zero-shot.** theta as it is scores every image (the first ``eval.max_images`` if set).
+2. **Episodes.** Episode e draws one permutation of the n images from
+   ``numpy.random.default_rng([seed, crc32(dataset name), e])``. For each k of ``eval.shots``
+   the support is its first k images (so the 1-shot support of an episode is inside its
+   5-shot support) and the query is the rest after the largest k: every k of an episode is
+   scored on the same images, so columns of a table compare like with like. Every (k,
+   episode) adapts a fresh copy of theta (``MetaLearner.adapt``; theta is never modified),
+   with ``eval.adapt_steps`` / ``eval.adapt_lr`` (default: the checkpoint's K and alpha).
+3. **Summary.** For each k, the mean and 95% interval (1.96 s / sqrt(episodes)) of every
+   score over the episodes.
+
+Scores come from confusion matrices (``metaseg.metrics``): the top-level numbers are the
+dataset reduction, ``"image"`` holds the image reduction. Scoring runs under
+``torch.inference_mode`` in batches (``metaseg.engine.predict``); only adaptation builds a
+graph.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import ListConfig
 from torch import nn
 from torch.utils.data import Dataset
 
 from metaseg.data.tasks import collate
+from metaseg.engine.eval_report import render_gallery
+from metaseg.engine.predict import MODES, predictions
 from metaseg.meta.maml import IGNORE_INDEX, MetaLearner
-from metaseg.metrics import ConfusionMatrix, mean_ci95
+from metaseg.metrics import PER_CLASS, ConfusionMatrix, mean_ci95, per_class_mean_ci95
 from metaseg.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("miou", "mf1", "pixel_acc")
+BINARY_KEYS = ("fg_iou", "fg_dice")
 
 
+class EvalResult(dict):
+    """The ``eval.json`` structure, plus ``pictures`` (dataset name -> uint8 (3, H, W) PNG grid)
+    and ``seconds`` (dataset name -> wall time).
+
+    A ``dict`` so that every existing consumer (``write_json``, ``metrics.json``) sees plain,
+    reproducible data; pictures and timings ride along as attributes because they are not
+    JSON or not reproducible.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pictures: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}
+
+
+# -- config -------------------------------------------------------------------------------
+def shot_list(cfg: Any) -> list[int]:
+    """``eval.shots`` as a list: ``5`` -> ``[5]``, ``[1, 5, 10]`` as is, ``0`` or ``[]`` -> none."""
+    shots = cfg.shots
+    if isinstance(shots, (list, tuple, ListConfig)):
+        values = list(shots)
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in values):
+            raise ConfigError(f"eval.shots={values} must list integers >= 1, e.g. eval.shots=[1,5,10]")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"eval.shots={values} names a k twice; list each k once")
+        return values
+    if isinstance(shots, int) and not isinstance(shots, bool) and shots >= 0:
+        return [shots] if shots else []
+    raise ConfigError(f"eval.shots={shots!r} must be an integer >= 0 or a list of them, e.g. eval.shots=[1,5,10]")
+
+
+def validate_eval(cfg: Any) -> None:
+    """Checks of an ``EvalConfig`` the schema cannot express; one line naming the key."""
+    shot_list(cfg)
+    for key, low in (("episodes", 0), ("batch_size", 1), ("pictures", 0)):
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"eval.{key}={getattr(cfg, key)} must be >= {low}")
+    for key, low in (("max_images", 1), ("window", 8), ("stride", 1), ("adapt_steps", 0)):
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"eval.{key}={value} must be >= {low} (or null)")
+    if cfg.adapt_lr is not None and not cfg.adapt_lr > 0:
+        raise ConfigError(f"eval.adapt_lr={cfg.adapt_lr} must be > 0 (or null: the meta config's inner_lr)")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"eval.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+
+
+def check_heldout_sizes(datasets: dict[str, Dataset], cfg: Any) -> None:
+    """Every held-out dataset must keep at least one image to score after the largest support."""
+    largest = max(shot_list(cfg), default=0)
+    if not largest or cfg.episodes < 1:
+        return
+    for name, ds in datasets.items():
+        if len(ds) <= largest:
+            raise ConfigError(f"held-out dataset {name!r} has {len(ds)} images: eval.shots={largest} leaves "
+                              f"none to score; lower eval.shots")
+
+
+def sliding_window(dataset: Dataset, cfg: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Window (h, w) and stride (h, w) for ``eval.mode=slide``: default window = the training size."""
+    if cfg.window is not None:
+        window = (int(cfg.window), int(cfg.window))
+    else:
+        h, w = dataset[0][0].shape[-2:]
+        window = (int(h), int(w))
+    if cfg.stride is not None:
+        stride = (int(cfg.stride), int(cfg.stride))
+    else:
+        stride = (max(window[0] // 2, 1), max(window[1] // 2, 1))
+    return window, stride
+
+
+# -- scoring ------------------------------------------------------------------------------
 @torch.inference_mode()
 def score(model: nn.Module, dataset: Dataset, indices: Sequence[int], num_classes: int,
-          device: torch.device, batch_size: int, precision) -> dict:
+          device: torch.device, batch_size: int, precision, *, mode: str = "resize",
+          window=None, stride=None, capture: Optional[dict] = None) -> dict:
+    """Scores of ``model`` on ``indices``: dataset reduction at the top level, image reduction in ``"image"``.
+
+    ``capture``: a dict whose keys are image indices; their predicted label maps are stored
+    in it (on the CPU), so pictures show exactly what was scored.
+    """
     model.eval()
-    cm = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
-    for start in range(0, len(indices), batch_size):
-        images, masks = collate(dataset, indices[start : start + batch_size])
-        with precision.autocast():
-            logits = model(images.to(device))
-        cm.update(logits.argmax(1), masks.to(device))
-    return cm.compute()
+    cm = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device, per_image=True)
+    for chunk, pred, mask in predictions(model, dataset, indices, device, batch_size, precision,
+                                         mode=mode, window=window, stride=stride):
+        cm.update(pred, mask)
+        if capture is not None:
+            for j, i in enumerate(chunk):
+                if i in capture:
+                    capture[i] = pred[j].to("cpu", torch.int64)
+    out = cm.compute("dataset")
+    out["image"] = cm.compute("image")
+    return out
 
 
 def episode_rng(seed: int, dataset: str, episode: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(dataset.encode()), episode])
 
 
+def _summary_keys(scores: dict) -> tuple[str, ...]:
+    return SUMMARY_KEYS + tuple(k for k in BINARY_KEYS if k in scores)
+
+
+def _summarize(episodes: list[dict], num_classes: int) -> dict:
+    """Mean and 95% CI over episodes of every summary score and every per-class score."""
+    keys = _summary_keys(episodes[0])
+    out: dict = {key: mean_ci95([ep[key] for ep in episodes]) for key in keys}
+    out.update({key: per_class_mean_ci95([ep[key] for ep in episodes], num_classes) for key in PER_CLASS})
+    return out
+
+
 def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_classes: int,
-                     cfg: Any, device: torch.device, seed: int) -> dict:
+                     cfg: Any, device: torch.device, seed: int, gallery: Optional[dict] = None) -> dict:
+    """Zero-shot and every k's episodes on one held-out dataset (see the module docstring).
+
+    ``gallery``: if given, filled with the picture material: ``indices`` (a few query images),
+    ``zero_shot`` and ``adapted[k]`` predictions of them (episode 0).
+    """
+    validate_eval(cfg)
     n = len(dataset)
     cap = cfg.max_images
-    zero = score(learner.model, dataset, list(range(n))[:cap], num_classes, device,
-                 cfg.batch_size, learner.precision)
-    result = {"images": n, "zero_shot": zero}
-    if cfg.shots < 1 or cfg.episodes < 1:
+    kw: dict = {"mode": cfg.mode}
+    if cfg.mode == "slide":
+        kw["window"], kw["stride"] = sliding_window(dataset, cfg)
+    ks = shot_list(cfg) if cfg.episodes >= 1 else []
+    largest = max(ks, default=0)
+    if ks and n <= largest:
+        raise ConfigError(f"held-out dataset {name!r} has {n} images: eval.shots={largest} leaves none to "
+                          f"score; lower eval.shots")
+    orders = [episode_rng(seed, name, e).permutation(n) for e in range(cfg.episodes if ks else 0)]
+
+    zero_indices = list(range(n))[:cap]
+    if gallery is not None:
+        shown = sorted(orders[0][largest:].tolist())[:cap] if orders else zero_indices
+        gallery.update(indices=shown[: cfg.pictures], zero_shot={}, adapted={}, shots=ks)
+    capture = dict.fromkeys(gallery["indices"]) if gallery is not None else None
+    zero = score(learner.model, dataset, zero_indices, num_classes, device, cfg.batch_size,
+                 learner.precision, capture=capture, **kw)
+    if gallery is not None:
+        gallery["zero_shot"] = capture
+    result: dict = {"images": n, "scored": len(zero_indices), "zero_shot": zero}
+    if cfg.mode == "slide":
+        result["window"], result["stride"] = list(kw["window"]), list(kw["stride"])
+    if not ks:
         return result
-    if n <= cfg.shots:
-        raise ConfigError(f"held-out dataset {name!r} has {n} images: eval.shots={cfg.shots} leaves none to score; lower eval.shots")
-    episodes = []
-    for e in range(cfg.episodes):
-        order = episode_rng(seed, name, e).permutation(n)
-        support, rest = order[: cfg.shots], sorted(order[cfg.shots :].tolist())[:cap]
-        images, masks = collate(dataset, support)
-        adapted = learner.adapt(images.to(device), masks.to(device), steps=cfg.adapt_steps, lr=cfg.adapt_lr)
-        scores = score(adapted, dataset, rest, num_classes, device, cfg.batch_size, learner.precision)
-        scores["support"] = [int(i) for i in support]
-        episodes.append(scores)
-        del adapted
-    adapted_summary = {"shots": cfg.shots, "episodes": cfg.episodes,
-                       "adapt_steps": cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps,
-                       "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else learner.inner_lr}
-    for key in SUMMARY_KEYS:
-        adapted_summary[key] = mean_ci95([ep[key] for ep in episodes])
-    adapted_summary["per_episode"] = [{k: ep[k] for k in (*SUMMARY_KEYS, "support")} for ep in episodes]
-    result["adapted"] = adapted_summary
+
+    steps = cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps
+    lr = cfg.adapt_lr if cfg.adapt_lr is not None else learner.inner_lr
+    episodes: dict[int, list[dict]] = {k: [] for k in ks}
+    query_size = min(n - largest, cap or n)
+    for e, order in enumerate(orders):
+        query = sorted(order[largest:].tolist())[:cap]
+        for k in ks:
+            support = order[:k]
+            images, masks = collate(dataset, support)
+            adapted = learner.adapt(images.to(device), masks.to(device), steps=steps, lr=lr)
+            capture = dict.fromkeys(gallery["indices"]) if gallery is not None and e == 0 else None
+            s = score(adapted, dataset, query, num_classes, device, cfg.batch_size, learner.precision,
+                      capture=capture, **kw)
+            del adapted
+            if capture is not None:
+                gallery["adapted"][k] = capture
+            record = {"support": [int(i) for i in support], "seed": [seed, zlib.crc32(name.encode()), e]}
+            record.update({key: s[key] for key in (*_summary_keys(s), *PER_CLASS)})
+            record["image"] = {key: s["image"][key] for key in (*_summary_keys(s), *PER_CLASS)}
+            episodes[k].append(record)
+
+    summaries = {}
+    for k in ks:
+        eps = episodes[k]
+        summary = {"shots": k, "episodes": len(eps), "adapt_steps": steps, "adapt_lr": lr,
+                   "scored": query_size}
+        summary.update(_summarize(eps, num_classes))
+        summary["image"] = _summarize([ep["image"] for ep in eps], num_classes)
+        summary["per_episode"] = [
+            {"support": ep["support"], "seed": ep["seed"],
+             **{key: ep[key] for key in _summary_keys(ep)},
+             **{f"image_{key}": ep["image"][key] for key in _summary_keys(ep)}}
+            for ep in eps]
+        summaries[k] = summary
+    # The first k's summary at the top level (the eval.json contract), every k under its own key.
+    result["adapted"] = {**summaries[ks[0]], **{str(k): summaries[k] for k in ks}}
     return result
+
+
+def protocol(cfg: Any, learner: MetaLearner, seed: int) -> dict:
+    """The inputs that fix every number: recorded in ``eval.json`` next to the scores."""
+    return {
+        "mode": cfg.mode, "shots": shot_list(cfg), "episodes": cfg.episodes, "seed": seed,
+        "adapt_steps": cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps,
+        "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else learner.inner_lr,
+        "batch_size": cfg.batch_size, "max_images": cfg.max_images, "window": cfg.window, "stride": cfg.stride,
+        "episode_rng": "numpy.random.default_rng([seed, zlib.crc32(dataset), episode]).permutation(n): "
+                       "support = first k, query = the rest after the largest k",
+        "reductions": "top-level scores: dataset reduction (one confusion matrix over all scored images); "
+                      "'image': image reduction (per-image scores averaged)",
+        "ci95": "1.96 * sample std / sqrt(episodes)",
+    }
+
+
+def _dataset_means(datasets: dict) -> dict:
+    per = list(datasets.values())
+    mean = {"zero_shot_miou": float(np.mean([r["zero_shot"]["miou"] for r in per])),
+            "zero_shot_mf1": float(np.mean([r["zero_shot"]["mf1"] for r in per]))}
+    if per and all("adapted" in r for r in per):
+        mean["adapted_miou"] = float(np.mean([r["adapted"]["miou"]["mean"] for r in per]))
+        mean["adapted_mf1"] = float(np.mean([r["adapted"]["mf1"]["mean"] for r in per]))
+        ks = [key for key in per[0]["adapted"] if key.isdigit()]
+        mean["adapted"] = {k: {m: float(np.mean([r["adapted"][k][m]["mean"] for r in per])) for m in ("miou", "mf1")}
+                           for k in ks}
+    return mean
 
 
 def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_classes: int,
                      cfg: Any, device: torch.device, seed: int,
-                     classes: Optional[Sequence[str]] = None) -> dict:
-    """Evaluate every held-out dataset; returns the ``eval.json`` structure."""
-    out: dict = {"classes": list(classes) if classes else None, "datasets": {}}
+                     classes: Optional[Sequence[str]] = None) -> EvalResult:
+    """Evaluate every held-out dataset; returns the ``eval.json`` structure (pictures attached)."""
+    validate_eval(cfg)
+    names = list(classes) if classes else [f"class {c}" for c in range(num_classes)]
+    out = EvalResult({"classes": list(classes) if classes else None, "protocol": protocol(cfg, learner, seed),
+                      "datasets": {}})
     for name, ds in datasets.items():
-        res = evaluate_dataset(learner, name, ds, num_classes, cfg, device, seed)
+        t0 = time.perf_counter()
+        gallery: Optional[dict] = {} if cfg.pictures > 0 else None
+        res = evaluate_dataset(learner, name, ds, num_classes, cfg, device, seed, gallery)
+        out.seconds[name] = time.perf_counter() - t0
         out["datasets"][name] = res
+        if gallery is not None and gallery["indices"]:
+            out.pictures[name] = render_gallery(name, ds, gallery, names, mode=cfg.mode)
         z = res["zero_shot"]
         msg = f"[{name}] zero-shot mIoU {z['miou']:.3f} mF1 {z['mf1']:.3f}"
-        if "adapted" in res:
-            a = res["adapted"]
-            msg += (f" | {a['shots']}-shot mIoU {a['miou']['mean']:.3f} +- {a['miou']['ci95']:.3f}"
+        for k in shot_list(cfg) if "adapted" in res else []:
+            a = res["adapted"][str(k)]
+            msg += (f" | {k}-shot mIoU {a['miou']['mean']:.3f} +- {a['miou']['ci95']:.3f}"
                     f" mF1 {a['mf1']['mean']:.3f} +- {a['mf1']['ci95']:.3f}")
-        log.info(msg)
+        log.info("%s (%.1fs)", msg, out.seconds[name])
     if datasets:
-        per = out["datasets"].values()
-        out["mean"] = {"zero_shot_miou": float(np.mean([r["zero_shot"]["miou"] for r in per]))}
-        if all("adapted" in r for r in per):
-            out["mean"]["adapted_miou"] = float(np.mean([r["adapted"]["miou"]["mean"] for r in per]))
-            out["mean"]["adapted_mf1"] = float(np.mean([r["adapted"]["mf1"]["mean"] for r in per]))
+        out["mean"] = _dataset_means(out["datasets"])
     return out
-

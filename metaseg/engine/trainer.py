@@ -22,7 +22,7 @@ from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import save_checkpoint
-from metaseg.engine.evaluate import evaluate_heldout
+from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, validate_eval
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError, MetasegError
@@ -41,10 +41,10 @@ def validate(cfg: Any) -> None:
     for key, value, low in (("meta.inner_steps", m.inner_steps, 0), ("meta.meta_batch", m.meta_batch, 1),
                             ("trainer.max_steps", t.max_steps, 1), ("trainer.log_every", t.log_every, 1),
                             ("trainer.ckpt_every", t.ckpt_every, 1), ("trainer.eval_every", t.eval_every, 0),
-                            ("eval.episodes", e.episodes, 0), ("eval.shots", e.shots, 0),
-                            ("eval.batch_size", e.batch_size, 1), ("data.size", cfg.data.size, 8)):
+                            ("data.size", cfg.data.size, 8)):
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
+    validate_eval(e)
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
@@ -56,11 +56,18 @@ def validate(cfg: Any) -> None:
 
 
 def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
+    """Held-out scores (both reductions, every k) and the picture grids, as evaluate_heldout returns them."""
     for name, res in result["datasets"].items():
         for key in ("miou", "mf1"):
             writer.add_scalar(f"heldout/{name}/zero_shot_{key}", res["zero_shot"][key], step)
+            writer.add_scalar(f"heldout/{name}/zero_shot_image_{key}", res["zero_shot"]["image"][key], step)
             if "adapted" in res:
                 writer.add_scalar(f"heldout/{name}/adapted_{key}", res["adapted"][key]["mean"], step)
+                writer.add_scalar(f"heldout/{name}/adapted_image_{key}", res["adapted"]["image"][key]["mean"], step)
+                for k in (k for k in res["adapted"] if k.isdigit()):
+                    writer.add_scalar(f"heldout/{name}/{k}shot_{key}", res["adapted"][k][key]["mean"], step)
+    for name, grid in getattr(result, "pictures", {}).items():
+        writer.add_image(f"heldout/{name}", grid, step)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -76,10 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     mix = build_mix(cfg.data)
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed)
-    for name, ds in mix.heldout.items():
-        if cfg.eval.shots and len(ds) <= cfg.eval.shots:
-            raise ConfigError(f"held-out dataset {name!r} has {len(ds)} images, fewer than eval.shots+1; "
-                              f"lower eval.shots")
+    check_heldout_sizes(mix.heldout, cfg.eval)
     model = build_model(cfg.model, mix.num_classes).to(device)
     learner = make_learner(model, meta, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=meta.outer_lr)

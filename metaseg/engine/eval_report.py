@@ -1,0 +1,324 @@
+"""What a researcher reads and publishes from an evaluation: ``eval.md``, ``eval.csv`` and PNG grids.
+
+* ``eval.md``: Markdown tables to paste, datasets x {zero-shot, k-shot}, in percent, k-shot
+  cells as mean +- 95% CI over episodes; one table per metric and reduction, then per-class IoU.
+* ``eval.csv``: the same numbers in long form (one row per dataset, setting, k, reduction,
+  metric and class), for pandas or a spreadsheet; fractions, not percent.
+* ``pictures/<dataset>.png``: a few query images of episode 0, one row each:
+  image | ground truth | zero-shot prediction | k-shot prediction for every k, with each
+  prediction's own mIoU under it and a class legend.
+
+All files are written atomically: a reader sees the previous file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
+
+from metaseg.engine.predict import full_resolution_sample
+from metaseg.meta.maml import IGNORE_INDEX
+from metaseg.metrics import segmentation_scores
+from metaseg.utils.runtime import atomic_write
+
+# Distinct colours (after Sasha Trubetskoy's list); class 0 is black. Binary tasks: black/white.
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+           (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+           (255, 215, 180), (0, 0, 128)]
+IGNORE_COLOUR = (128, 128, 128)
+PANEL = 192  # panels are fitted into PANEL x PANEL pixels
+MARGIN, GAP, HEADER, CAPTION = 10, 8, 22, 20
+BG, INK, LETTERBOX = (255, 255, 255), (20, 20, 20), (225, 225, 225)
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    if num_classes == 2:
+        return [(0, 0, 0), (255, 255, 255)]
+    colours = list(PALETTE[:num_classes])
+    rng = np.random.default_rng(0)
+    while len(colours) < num_classes:
+        colours.append(tuple(int(v) for v in rng.integers(40, 256, 3)))
+    return colours
+
+
+def colorize(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Label map (H, W) -> RGB uint8 (H, W, 3); ignored pixels grey."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:num_classes] = palette(num_classes)
+    lut[IGNORE_INDEX] = IGNORE_COLOUR
+    return lut[labels.to(torch.int64).clamp(0, 255).cpu().numpy()]
+
+
+def display_image(dataset: Dataset, image: torch.Tensor) -> np.ndarray:
+    """A normalised (C, H, W) image back to RGB uint8: the dataset's mean/std when it has them, else min-max."""
+    image = image.detach().float().cpu()
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == image.shape[0]:
+        image = image * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
+    else:
+        lo = image.amin((1, 2), keepdim=True)
+        hi = image.amax((1, 2), keepdim=True)
+        image = (image - lo) / (hi - lo).clamp(min=1e-8)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    image = image[:3].clamp(0, 1)
+    return (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _fit(rgb: np.ndarray, box: int = PANEL) -> Image.Image:
+    """Scale to fit ``box``: nearest when enlarging (pixels stay crisp), Lanczos when shrinking (thin lines survive)."""
+    img = Image.fromarray(rgb)
+    h, w = rgb.shape[:2]
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        return ImageFont.load_default()
+
+
+def render_grid(title: str, rows: Sequence[dict], columns: Sequence[str], classes: Sequence[str],
+                show_ignore: bool = False) -> torch.Tensor:
+    """Draw rows of panels under column headers, with a legend; returns uint8 (3, H, W).
+
+    Each row is ``{"panels": [RGB uint8 arrays], "captions": [str]}``, one panel per column.
+    """
+    font, bold = _font(13), _font(15)
+    ncols = len(columns)
+    width = max(2 * MARGIN + ncols * PANEL + (ncols - 1) * GAP, 420)
+    colours = palette(len(classes))
+    legend = [(c, name) for c, name in zip(colours, classes)]
+    if show_ignore:
+        legend.append((IGNORE_COLOUR, "ignored"))
+    # lay the legend out in lines that fit the width
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line, x = [], [], MARGIN
+    for colour, name in legend:
+        w = 16 + 6 + int(probe.textlength(name, font=font)) + 16
+        if line and x + w > width - MARGIN:
+            lines.append(line)
+            line, x = [], MARGIN
+        line.append((x, colour, name))
+        x += w
+    if line:
+        lines.append(line)
+    top = MARGIN + HEADER + HEADER
+    row_h = PANEL + CAPTION + GAP
+    height = top + len(rows) * row_h + len(lines) * 22 + MARGIN
+    canvas = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((MARGIN, MARGIN), title, fill=INK, font=bold)
+    for j, name in enumerate(columns):
+        draw.text((MARGIN + j * (PANEL + GAP), MARGIN + HEADER + 2), name, fill=INK, font=font)
+    for r, row in enumerate(rows):
+        y = top + r * row_h
+        for j, (panel, caption) in enumerate(zip(row["panels"], row["captions"])):
+            x = MARGIN + j * (PANEL + GAP)
+            img = _fit(panel)
+            # letterbox in light grey, so that white labels (binary foreground) stay visible at the edges
+            draw.rectangle([x - 1, y - 1, x + PANEL, y + PANEL], fill=LETTERBOX, outline=(200, 200, 200))
+            canvas.paste(img, (x + (PANEL - img.width) // 2, y + (PANEL - img.height) // 2))
+            draw.text((x, y + PANEL + 3), caption, fill=INK, font=font)
+    y = top + len(rows) * row_h
+    for line in lines:
+        for x, colour, name in line:
+            draw.rectangle([x, y + 2, x + 16, y + 16], fill=colour, outline=(90, 90, 90))
+            draw.text((x + 22, y + 2), name, fill=INK, font=font)
+        y += 22
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
+
+
+def render_gallery(name: str, dataset: Dataset, gallery: dict, classes: Sequence[str], mode: str = "resize") -> torch.Tensor:
+    """The PNG grid of one held-out dataset from the predictions ``evaluate_dataset`` captured."""
+    num_classes = len(classes)
+    ks = [k for k in gallery["shots"] if k in gallery["adapted"]]
+    columns = ["image", "ground truth", "zero-shot"] + [f"{k}-shot" for k in ks]
+    rows, show_ignore = [], False
+    for index in gallery["indices"]:
+        image, mask = full_resolution_sample(dataset, index) if mode == "slide" else dataset[index]
+        show_ignore |= bool((mask == IGNORE_INDEX).any())
+        preds = [gallery["zero_shot"][index]] + [gallery["adapted"][k][index] for k in ks]
+        captions = [f"#{index}  {mask.shape[-1]}x{mask.shape[-2]}", ""]
+        for pred in preds:
+            miou = segmentation_scores(pred[None], mask[None].to(pred.device), num_classes)["miou"]
+            captions.append(f"mIoU {miou:.2f}" if not math.isnan(miou) else "mIoU n/a")
+        panels = [display_image(dataset, image), colorize(mask, num_classes)]
+        panels += [colorize(p, num_classes) for p in preds]
+        rows.append({"panels": panels, "captions": captions})
+    what = f"query images of episode 0, {mode} mode" if ks else f"{mode} mode"
+    return render_grid(f"{name}: {what}", rows, columns, classes, show_ignore)
+
+
+def save_png(grid: torch.Tensor, path: str | Path) -> None:
+    image = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy())
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# -- tables -------------------------------------------------------------------------------
+def _num(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _cell(mean: Any, ci: Any = None) -> str:
+    m = _num(mean)
+    if m is None:
+        return "–"
+    c = _num(ci)
+    return f"{100 * m:.1f}" if c is None else f"{100 * m:.1f} ± {100 * c:.1f}"
+
+
+def _shots(result: dict) -> list[str]:
+    for res in result["datasets"].values():
+        if "adapted" in res:
+            return [k for k in res["adapted"] if k.isdigit()]
+    return []
+
+
+def _get(scores: dict, reduction: str, metric: str) -> dict:
+    return scores["image"].get(metric) if reduction == "image" else scores.get(metric)
+
+
+def _metric_table(result: dict, metric: str, reduction: str) -> list[str]:
+    ks = _shots(result)
+    lines = ["| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in ks) + " |",
+             "|---|---:|" + "---:|" * len(ks)]
+    zero_col, k_cols = [], {k: [] for k in ks}
+    for name, res in result["datasets"].items():
+        z = _get(res["zero_shot"], reduction, metric)
+        zero_col.append(_num(z))
+        cells = [_cell(z)]
+        for k in ks:
+            a = _get(res["adapted"][k], reduction, metric) if "adapted" in res else None
+            k_cols[k].append(_num(a["mean"]) if a else None)
+            cells.append(_cell(a["mean"], a["ci95"]) if a else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if len(result["datasets"]) > 1:
+        def avg(col):
+            vals = [v for v in col if v is not None]
+            return sum(vals) / len(vals) if len(vals) == len(col) and vals else None
+        lines.append("| **mean** | " + " | ".join([_cell(avg(zero_col))] + [_cell(avg(k_cols[k])) for k in ks]) + " |")
+    return lines
+
+
+def markdown_report(result: dict) -> str:
+    """``eval.md``: the tables a user can paste, and the protocol that produced them."""
+    p = result.get("protocol", {})
+    ks = _shots(result)
+    out = ["# metaseg evaluation", ""]
+    model = (result.get("config") or {}).get("model") or {}
+    what = f"{model.get('arch')} / {model.get('encoder')}" if model else "the model"
+    if result.get("checkpoint") == "none":
+        out.append(f"- model: {what}, random init (`checkpoint=none`), fine-tuned on the k shots")
+    elif result.get("checkpoint") is not None:
+        step = f" (step {result['step']})" if result.get("step") is not None else ""
+        out.append(f"- checkpoint: `{result['checkpoint']}`{step}, {what}")
+    if p:
+        out.append(f"- protocol: `{p['mode']}` mode; k in {p['shots']}; {p['episodes']} episodes per k; "
+                   f"adaptation: {p['adapt_steps']} SGD step{'' if p['adapt_steps'] == 1 else 's'} at lr {p['adapt_lr']}; "
+                   f"seed {p['seed']}")
+    out.append("- numbers in percent. Zero-shot: one score on every image. k-shot: mean ± 95% CI "
+               "(1.96 s/√episodes) over episodes, each adapting on k images and scoring the rest.")
+    out.append("- dataset reduction: one confusion matrix over all scored pixels; image reduction: "
+               "scores per image, averaged. Classes absent from both prediction and truth are left out of means.")
+    tables = [("mIoU", "miou", "dataset"), ("mF1 (mDice)", "mf1", "dataset"),
+              ("mIoU", "miou", "image"), ("mF1 (mDice)", "mf1", "image")]
+    binary = result.get("classes") is not None and len(result["classes"]) == 2
+    if binary:
+        tables += [("foreground IoU", "fg_iou", "dataset"), ("foreground Dice", "fg_dice", "dataset"),
+                   ("foreground IoU", "fg_iou", "image"), ("foreground Dice", "fg_dice", "image")]
+    for label, metric, reduction in tables:
+        out += ["", f"## {label} (%), {reduction} reduction", ""] + _metric_table(result, metric, reduction)
+    classes = result.get("classes")
+    out += ["", "## Per-class IoU (%), dataset reduction"]
+    for name, res in result["datasets"].items():
+        names = classes or [f"class {c}" for c in range(len(res["zero_shot"]["iou"]))]
+        out += ["", f"### {name}", "", "| class | zero-shot | " + " | ".join(f"{k}-shot" for k in ks) + " |",
+                "|---|---:|" + "---:|" * len(ks)]
+        for c, cname in enumerate(names):
+            cells = [_cell(res["zero_shot"]["iou"][c])]
+            for k in ks:
+                a = res.get("adapted", {}).get(k)
+                cells.append(_cell(a["iou"]["mean"][c], a["iou"]["ci95"][c]) if a else "–")
+            out.append(f"| {cname} | " + " | ".join(cells) + " |")
+    if result.get("pictures"):
+        out += ["", "## Pictures", ""] + [f"- {n}: [{path}]({path})" for n, path in result["pictures"].items()]
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = ("dataset", "setting", "shots", "reduction", "metric", "class", "mean", "ci95", "n")
+
+
+def csv_rows(result: dict) -> list[dict]:
+    """Every number of ``result`` as long-form rows (fractions); ``ci95``/``n`` empty for zero-shot."""
+    classes = result.get("classes")
+    rows = []
+    for name, res in result["datasets"].items():
+        settings = [("zero_shot", 0, res["zero_shot"])]
+        settings += [("adapted", int(k), res["adapted"][k]) for k in res.get("adapted", {}) if k.isdigit()]
+        for setting, k, scores in settings:
+            for reduction in ("dataset", "image"):
+                s = scores if reduction == "dataset" else scores["image"]
+                for metric in ("miou", "mf1", "pixel_acc", "fg_iou", "fg_dice", "iou", "f1", "precision", "recall"):
+                    if metric not in s:
+                        continue
+                    value = s[metric]
+                    per_class = metric in ("iou", "f1", "precision", "recall")
+                    count = scores.get("episodes") if setting == "adapted" else None
+                    for c in range(len(value["mean"] if setting == "adapted" else value) if per_class else 1):
+                        if setting == "adapted":
+                            mean = value["mean"][c] if per_class else value["mean"]
+                            ci = value["ci95"][c] if per_class else value["ci95"]
+                        else:
+                            mean, ci = (value[c] if per_class else value), None
+                        cname = (classes[c] if classes else str(c)) if per_class else ""
+                        rows.append({"dataset": name, "setting": setting, "shots": k, "reduction": reduction,
+                                     "metric": metric, "class": cname, "mean": _num(mean), "ci95": _num(ci),
+                                     "n": count})
+    return rows
+
+
+def csv_report(result: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in csv_rows(result):
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_reports(result: dict, pictures: dict[str, torch.Tensor], run_dir: str | Path) -> dict[str, str]:
+    """Write ``pictures/<name>.png``, ``eval.csv`` and ``eval.md`` under ``run_dir``; returns the picture paths."""
+    run_dir = Path(run_dir)
+    paths = {}
+    for name, grid in pictures.items():
+        rel = f"pictures/{name.replace('/', '_').replace(chr(92), '_')}.png"
+        save_png(grid, run_dir / rel)
+        paths[name] = rel
+    result = {**result, "pictures": paths}
+    _write_text(run_dir / "eval.csv", csv_report(result))
+    _write_text(run_dir / "eval.md", markdown_report(result))
+    return paths
