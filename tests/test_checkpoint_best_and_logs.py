@@ -105,7 +105,9 @@ def test_outer_grad_norm_against_a_hand_computation():
 
 
 def test_best_tracker_modes_nan_and_state():
-    result = lambda v: {"mean": {"adapted_miou": v}, "datasets": {"d": {"adapted": {"miou": {"mean": v, "ci95": 0}}}}}  # noqa: E731
+    def result(v):
+        return {"mean": {"adapted_miou": v}, "datasets": {"d": {"adapted": {"miou": {"mean": v, "ci95": 0}}}}}
+
     t = BestTracker("mean.adapted_miou", "max")
     assert t.update(result(0.2), 1) and not t.update(result(0.1), 2) and t.update(result(0.3), 3)
     assert not t.update(result(float("nan")), 4) and (t.value, t.step) == (0.3, 3)

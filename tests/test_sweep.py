@@ -136,9 +136,9 @@ def test_train_returns_the_objective_to_the_sweeper(tmp_path):
     """``metaseg.train.main`` (what Hydra's sweepers call) returns the configured metric."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     import metaseg.train
-    from omegaconf import open_dict
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         cfg = compose("train", TINY_RUN + ["trainer.best_metric=mean.zero_shot_miou"], return_hydra_config=True)
     with open_dict(cfg):
