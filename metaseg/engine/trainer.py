@@ -172,7 +172,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 writer.add_scalar("train/support_loss_before", mean("support_loss_before"), step)
                 writer.add_scalar("train/support_loss_after", mean("support_loss_after"), step)
                 writer.add_scalar("train/tasks_per_second", (step - start_step) * meta.meta_batch / elapsed, step)
-                writer.add_scalar("train/outer_grad_norm", outer_grad_norm(model.parameters(), precision.scale), step)
+                # after scaler.step the gradients are unscaled (GradScaler unscales in place under fp16)
+                writer.add_scalar("train/outer_grad_norm", outer_grad_norm(model.parameters()), step)
                 writer.add_scalar("train/beta", optimizer.param_groups[0]["lr"], step)
                 if monitor is not None:
                     with rng_isolated():
