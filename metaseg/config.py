@@ -77,6 +77,13 @@ class TrainerConfig:
     ckpt_every: int = 100  # outer steps between checkpoints (the last step always saves)
     log_every: int = 10  # outer steps between tensorboard and log lines
     threads: Optional[int] = None  # torch CPU threads; null leaves torch's default
+    resume: Optional[str] = None  # null: fresh | auto: <run dir>/checkpoints/last.pt if any | PATH (.pt or run dir)
+    resume_strict: bool = True  # refuse a checkpoint of another metaseg version or config (false: warn)
+    deterministic: bool = False  # torch.use_deterministic_algorithms: same numbers on GPU too, slower
+    deterministic_warn_only: bool = False  # warn (not stop) at an op without a deterministic kernel
+    best_metric: str = "mean.adapted_miou"  # held-out result key (dotted) for best.pt and the objective
+    best_mode: str = "max"  # max | min
+    monitor_tasks: int = 1  # fixed tasks whose query loss after 0..K inner steps is logged (0: off)
 
 
 @dataclass

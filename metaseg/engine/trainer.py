@@ -2,7 +2,10 @@
 
 ``train(cfg, run_dir)`` is a plain function of a composed config so that the Hydra entry
 point, the tests and sweepers all run the same code; it returns the final metrics, whose
-``objective`` (mean adapted held-out mIoU) is what a sweeper optimises.
+``objective`` (the held-out metric ``trainer.best_metric``, mean adapted mIoU by default) is
+what a sweeper optimises. A run killed at any point continues exactly with
+``trainer.resume=auto`` (see ``metaseg.engine.state``); evaluation and monitoring never move
+the training's random streams, so the order of the work below is free to change.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
+from metaseg.engine.best import BestTracker
 from metaseg.engine.build import make_learner
-from metaseg.engine.checkpoint import save_checkpoint
+from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, validate_eval
+from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
+from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError, MetasegError
@@ -48,6 +53,15 @@ def validate(cfg: Any) -> None:
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if t.best_mode not in ("max", "min"):
+        raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
+    if t.best_metric.startswith("mean.adapted") and (e.shots < 1 or e.episodes < 1):
+        raise ConfigError(f"trainer.best_metric={t.best_metric!r} needs adapted scores, but eval.shots={e.shots} "
+                          f"and eval.episodes={e.episodes}: raise both to >= 1 or pick trainer.best_metric="
+                          f"mean.zero_shot_miou")
+    for key, value in (("trainer.monitor_tasks", t.monitor_tasks), ("trainer.log_images", t.log_images)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
     if len(cfg.data.mean) != cfg.model.in_channels or len(cfg.data.std) != cfg.model.in_channels:
         raise ConfigError(
             f"data.mean and data.std need model.in_channels={cfg.model.in_channels} values, "
@@ -67,9 +81,10 @@ def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
                 for k in (k for k in res["adapted"] if k.isdigit()):
                     writer.add_scalar(f"heldout/{name}/{k}shot_{key}", res["adapted"][k][key]["mean"], step)
     for name, grid in getattr(result, "pictures", {}).items():
-        writer.add_image(f"heldout/{name}", grid, step)
+        writer.add_image(f"predictions/{name}", grid, step)
 
 
+@honours_determinism
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Meta-train as ``cfg`` says, writing checkpoints, tensorboard and metrics under ``run_dir``."""
     run_dir = Path(run_dir)
@@ -89,21 +104,37 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=meta.outer_lr)
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    best = BestTracker(cfg.trainer.best_metric, cfg.trainer.best_mode)
+    # Everything a checkpoint restores; an algorithm with state of its own adds an entry here.
+    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "sampler": sampler, "best": best}
+    monitor = InnerLoopMonitor(sampler, cfg.trainer.monitor_tasks, cfg.seed, device) \
+        if cfg.trainer.monitor_tasks else None
+    start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        sampler=sampler.state_dict(), step=step, config=resolved, classes=mix.classes)
+    def checkpoint(step: int, *names: str) -> None:
+        if not names:
+            return
+        state = capture(stateful)
+        for name in names:
+            save_checkpoint(checkpoint_dir(run_dir) / name, **state, step=step, config=resolved, classes=mix.classes)
+
+    def evaluate(step: int) -> dict:
+        with rng_isolated():
+            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+            _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
+        return result
 
     log.info("meta-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
              "%s order, precision %s, device %s", cfg.model.arch + "-" + cfg.model.encoder,
              list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
              meta.inner_lr, meta.outer_lr, "first" if meta.first_order else "second", precision.mode, device)
-    writer = SummaryWriter(str(run_dir / "tb"))
+    # purge_step: a resumed run drops the events the killed one logged after its checkpoint
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
     nonfinite_run = 0
     t0 = time.perf_counter()
+    step = start_step
     try:
-        bar = tqdm(range(1, cfg.trainer.max_steps + 1), desc="meta-train", disable=None, dynamic_ncols=True)
+        bar = progress(start_step, cfg.trainer.max_steps)
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
             optimizer.zero_grad(set_to_none=True)
@@ -140,26 +171,41 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 writer.add_scalar("train/query_loss_after", mean("query_loss_after"), step)
                 writer.add_scalar("train/support_loss_before", mean("support_loss_before"), step)
                 writer.add_scalar("train/support_loss_after", mean("support_loss_after"), step)
-                writer.add_scalar("train/tasks_per_second", step * meta.meta_batch / elapsed, step)
+                writer.add_scalar("train/tasks_per_second", (step - start_step) * meta.meta_batch / elapsed, step)
+                # after scaler.step the gradients are unscaled (GradScaler unscales in place under fp16)
+                writer.add_scalar("train/outer_grad_norm", outer_grad_norm(model.parameters()), step)
+                writer.add_scalar("train/beta", optimizer.param_groups[0]["lr"], step)
+                if monitor is not None:
+                    with rng_isolated():
+                        for k, loss_k in enumerate(monitor.query_losses(learner)):
+                            writer.add_scalar(f"monitor/query_loss_after_{k}_steps", loss_k, step)
                 if precision.mode == "16":
                     writer.add_scalar("train/loss_scale", scaler.get_scale(), step)
                 bar.set_postfix(outer=f"{outer:.3f}", before=f"{before:.3f}")
                 log.info("step %d/%d  outer %.4f  query before %.4f  after %.4f  (%.1fs)", step,
                          cfg.trainer.max_steps, outer, before, mean("query_loss_after"), elapsed)
-            if step % cfg.trainer.ckpt_every == 0 and step != cfg.trainer.max_steps:
-                checkpoint(step)
+            # evaluate before saving, so a checkpoint's best-so-far includes this step's score
+            improved = False
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:
-                _log_eval(writer, evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device,
-                                                   cfg.seed, mix.classes), step)
+                improved = bool(mix.heldout) and best.update(evaluate(step), step)
+            due = step % cfg.trainer.ckpt_every == 0 and step != cfg.trainer.max_steps
+            checkpoint(step, *([LAST] if due else []), *([BEST] if improved else []))
+            kill_if_requested(step)
 
         step = cfg.trainer.max_steps
-        checkpoint(step)
-        result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
-        _log_eval(writer, result, step)
+        result, improved = evaluate(step), False
+        try:
+            improved = bool(mix.heldout) and best.update(result, step)
+        finally:  # the final weights are kept even when trainer.best_metric names no result key
+            checkpoint(step, LAST, *([BEST] if improved else []))
     finally:
         writer.close()
-    metrics = {"step": step, "seconds": time.perf_counter() - t0, **result}
-    metrics["objective"] = result.get("mean", {}).get("adapted_miou", float("nan"))
+    seconds = time.perf_counter() - t0
+    # metrics.json holds only what the seed and config determine: two runs give identical files
+    metrics = {"step": step, **result, "best": best.summary()}
+    metrics["objective"] = best.value_of(result) if mix.heldout else float("nan")
     write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
+                                         "steps_per_second": (step - start_step) / seconds if seconds else None})
     log.info("wrote %s", run_dir / "metrics.json")
-    return metrics
+    return {**metrics, "seconds": seconds}
