@@ -25,7 +25,7 @@ from metaseg.data.tasks import TaskSampler
 from metaseg.engine.best import BestTracker
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
-from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, validate_eval
+from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.meta.precision import Precision
@@ -55,13 +55,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if t.best_mode not in ("max", "min"):
         raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
-    if t.best_metric.startswith("mean.adapted") and (e.shots < 1 or e.episodes < 1):
+    if t.best_metric.startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
         raise ConfigError(f"trainer.best_metric={t.best_metric!r} needs adapted scores, but eval.shots={e.shots} "
                           f"and eval.episodes={e.episodes}: raise both to >= 1 or pick trainer.best_metric="
                           f"mean.zero_shot_miou")
-    for key, value in (("trainer.monitor_tasks", t.monitor_tasks), ("trainer.log_images", t.log_images)):
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
+    if t.monitor_tasks < 0:
+        raise ConfigError(f"trainer.monitor_tasks={t.monitor_tasks} must be >= 0")
     if len(cfg.data.mean) != cfg.model.in_channels or len(cfg.data.std) != cfg.model.in_channels:
         raise ConfigError(
             f"data.mean and data.std need model.in_channels={cfg.model.in_channels} values, "
