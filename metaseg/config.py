@@ -26,13 +26,13 @@ class DatasetConfig:
     # on-disk sources (metaseg/data/folder.py, voc.py, cityscapes.py, fss.py)
     root: Optional[str] = None  # relative to data.root; null: the dataset's name
     classes: Optional[List[str]] = None  # the dataset's own classes (index = id); null: data.classes
-    binary: Optional[bool] = None  # masks are 0/255 (255 -> class 1); null: true for 2 classes, no values
-    values: Optional[Dict[int, int]] = None  # raw mask value -> dataset class id (255: ignore)
+    binary: Optional[bool] = None  # masks are 0/255 (255 -> class 1); null: true for 2 classes, no mask_values
+    mask_values: Any = None  # {int: int}: raw mask value -> dataset class id (255: ignore)
     ignore_values: List[int] = field(default_factory=list)  # raw mask values that mean void
     threshold: Optional[int] = None  # binary masks: grey value >= threshold is foreground (JPEG masks)
-    map: Dict[Any, Any] = field(default_factory=dict)  # dataset class (name|id) -> mix class (name|id|ignore)
+    map: Any = None  # {dataset class: mix class}, each a name or id; mix class may be ignore
     split: Optional[List[str]] = None  # splits.csv / ImageSets / gtFine splits to keep; null: all
-    groups: Dict[str, List[str]] = field(default_factory=dict)  # groups.csv column -> values to keep
+    groups: Any = None  # {column: [values]}: groups.csv column -> values to keep
     folders: Optional[List[str]] = None  # fss: class folders; cityscapes: cities; null: all
     mask_suffix: str = ""  # folder: masks/<stem><suffix>.png
     max_images: Optional[int] = None  # keep this many, evenly spaced over the sorted stems
@@ -57,7 +57,7 @@ class DataConfig:
     name: str = MISSING
     classes: Optional[List[str]] = None  # the shared label space; index = class id
     num_classes: Optional[int] = None  # instead of classes: N generic ones (background, class_1, ...)
-    size: int = 64  # images are square, size x size pixels
+    size: int = 64  # images are square, size x size pixels (0 in data=folder: the checkpoint's)
     mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)

@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from metaseg.data.decode import IMAGE_EXTS, MASK_EXTS, Pair
 from metaseg.data.labels import build_label_map
 from metaseg.data.pairs import build_pair_dataset, evenly_spaced, few
@@ -115,7 +117,12 @@ def select(name: str, pairs: list[Pair], root: Path, split: Optional[list], grou
         if unknown:
             raise ConfigError(f"{key}.split names {unknown}, not in splits.csv (has {known})")
         pairs = [p for p in pairs if p.split in set(split)]
-    for column, wanted in dict(groups or {}).items():
+    groups = OmegaConf.to_container(groups) if OmegaConf.is_config(groups) else groups
+    if groups is not None and not isinstance(groups, dict):
+        raise ConfigError(f"{key}.groups must be a mapping such as {{site: [a, b]}}, got {groups!r}")
+    for column, wanted in (groups or {}).items():
+        if isinstance(wanted, (str, int)):
+            wanted = [wanted]
         if not (root / "groups.csv").is_file():
             raise ConfigError(f"{key}.groups filters on {column!r} but {root / 'groups.csv'} does not exist")
         columns = read_table(root / "groups.csv", name)[0]

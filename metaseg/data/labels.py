@@ -3,7 +3,7 @@
 Two steps, each declared in config and checked before any training:
 
 1. **Values -> dataset classes.** A dataset declares its own classes (``classes``, index =
-   class id) and which raw mask value means which class (``values``). Defaults: binary masks
+   class id) and which raw mask value means which class (``mask_values``). Defaults: binary masks
    (``binary: true``, the default for a two-class dataset) map 0 -> class 0 and 255 -> class 1;
    index masks map value ``v`` -> class ``v``. ``ignore_values`` (and 255 for index masks) mean
    void. Any other value in a mask is a data error, so a mislabelled file never trains silently.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from metaseg.utils.errors import ConfigError
 
@@ -78,6 +79,17 @@ class LabelMap:
         return self.lut[raw]
 
 
+def _mapping(value: Any, key: str, example: str) -> dict:
+    """A config mapping (null: empty); anything else is a one-line error."""
+    if value is None:
+        return {}
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping such as {example}, got {value!r}")
+    return dict(value)
+
+
 def _class_id(key: Any, classes: Sequence[str], where: str) -> int:
     """A class given by name or id, as an id into ``classes``."""
     if isinstance(key, str) and key in classes:
@@ -110,8 +122,9 @@ def build_label_map(name: str, ds_cfg: Any, classes: Sequence[str], *,
     """
     key = f"data.datasets.{name}"
     ds_classes = list(ds_cfg.get("classes") or default_classes or classes)
-    values = ds_cfg.get("values")
-    values = dict(values) if values is not None else (dict(default_values) if default_values is not None else None)
+    values = dict(_mapping(ds_cfg.get("mask_values"), f"{key}.mask_values", "{0: 0, 255: 1}")) or None
+    if values is None and default_values is not None:
+        values = dict(default_values)
     binary = ds_cfg.get("binary")
     threshold = ds_cfg.get("threshold")
     threshold = default_threshold if threshold is None else threshold
@@ -120,7 +133,7 @@ def build_label_map(name: str, ds_cfg: Any, classes: Sequence[str], *,
     if binary:
         if values is not None:
             raise ConfigError(f"{key}: binary=true fixes the values (0 -> class 0, 255 -> class 1); "
-                              f"drop {key}.values or set {key}.binary=false")
+                              f"drop {key}.mask_values or set {key}.binary=false")
         if len(ds_classes) != 2:
             raise ConfigError(f"{key}: binary=true needs exactly two classes, got {ds_classes}")
         values = {0: 0, 255: 1}
@@ -131,16 +144,18 @@ def build_label_map(name: str, ds_cfg: Any, classes: Sequence[str], *,
         values = {v: v for v in range(len(ds_classes))}
         ignore.add(IGNORE)
     for raw, cid in values.items():
+        if isinstance(raw, bool) or not isinstance(raw, int) or isinstance(cid, bool) or not isinstance(cid, int):
+            raise ConfigError(f"{key}.mask_values maps mask values to class ids, both integers; got {raw!r}: {cid!r}")
         if not 0 <= int(raw) < LUT_SIZE:
-            raise ConfigError(f"{key}.values: mask value {raw} is out of range 0..{LUT_SIZE - 1}")
+            raise ConfigError(f"{key}.mask_values: mask value {raw} is out of range 0..{LUT_SIZE - 1}")
         if int(cid) != IGNORE and not 0 <= int(cid) < len(ds_classes):
-            raise ConfigError(f"{key}.values: {raw} -> {cid}, but the dataset's classes are "
+            raise ConfigError(f"{key}.mask_values: {raw} -> {cid}, but the dataset's classes are "
                               f"0..{len(ds_classes) - 1} ({ds_classes}); 255 means ignore")
 
     # dataset class id -> mix id
     to_mix = np.full(len(ds_classes), IGNORE, dtype=np.int64)
     explicit = set()
-    for src, dst in dict(ds_cfg.get("map") or {}).items():
+    for src, dst in _mapping(ds_cfg.get("map"), f"{key}.map", "{vessel: foreground}").items():
         cid = _class_id(src, ds_classes, f"{key}.map key")
         to_mix[cid] = IGNORE if _is_ignore(dst) else _class_id(dst, classes, f"{key}.map[{src!r}]")
         explicit.add(cid)

@@ -108,6 +108,9 @@ def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
     On-disk datasets are listed, checked, decoded and cached here, so bad data stops the run
     before its first step.
     """
+    if cfg.size < 8:
+        raise ConfigError(f"data.size={cfg.size} must be >= 8 (data=folder leaves it 0 for metaseg-eval to take "
+                          f"the checkpoint's); set data.size=N")
     classes = mix_classes(cfg)
     task = check_task(cfg)
     train = train_names(cfg)

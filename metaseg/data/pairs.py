@@ -44,7 +44,7 @@ PROBLEMS = {
             "save masks as single-channel PNGs of class indices (mode L or P), or for 0/255 masks set "
             "{key}.threshold=128"),
     "values": ("hold mask values outside the declared mapping {declared}",
-               "fix the masks, or declare the values ({key}.values, {key}.ignore_values, {key}.classes)"),
+               "fix the masks, or declare the values ({key}.mask_values, {key}.ignore_values, {key}.classes)"),
 }
 
 

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from metaseg.data.binary import pixel_counts
@@ -76,12 +75,12 @@ ON_DISK = ("folder", "voc", "cityscapes", "fss")  # read files under a root; aug
 
 def dataset_root(name: str, ds_cfg: Any, data_cfg: Any) -> Path:
     """``data.root / data.datasets.NAME.root`` (an absolute dataset root wins)."""
-    if OmegaConf.is_config(data_cfg) and OmegaConf.is_missing(data_cfg, "root"):
-        raise ConfigError(f"data.root is not set: give the folder the data lives in, data.root=DIR "
-                          f"(dataset {name!r} is read from data.root/{ds_cfg.get('root') or name})")
     base = data_cfg.get("root")
     sub = ds_cfg.get("root")
     sub = name if sub is None else str(sub)
+    if not base and sub in (".", ""):
+        raise ConfigError(f"data.root is not set: give the folder the data lives in, data.root=DIR "
+                          f"(dataset {name!r} is data.root itself)")
     return Path(os.path.expanduser(str(base))) / os.path.expanduser(sub) if base else Path(os.path.expanduser(sub))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_segmentation_masks, make_grid
 
@@ -40,7 +40,7 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 def _data_cfg(data_cfg: Any) -> Any:
     data_cfg = copy.deepcopy(data_cfg)
-    if OmegaConf.is_config(data_cfg) and OmegaConf.is_missing(data_cfg, "size"):
+    if not data_cfg.size:  # data=folder: 0 means "the checkpoint's"; there is none here
         with open_dict(data_cfg):
             data_cfg.size = DEFAULT_SIZE
     return data_cfg

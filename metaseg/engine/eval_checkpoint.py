@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 def heldout_data(data_cfg: Any, trained: Any) -> Any:
     """The data to evaluate: ``data_cfg`` (the checkpoint's own mix when null), normalised with the
     checkpoint's mean/std (the statistics its model was trained with) and, where ``data.size`` is
-    left open (``???``, as in ``data=folder``), at the checkpoint's size."""
+    0 (``data=folder``), at the checkpoint's size."""
     if data_cfg is None:
         return trained
     data_cfg = copy.deepcopy(data_cfg)
     with open_dict(data_cfg):
-        if OmegaConf.is_missing(data_cfg, "size"):
+        if not data_cfg.size:
             data_cfg.size = trained.size
         if list(data_cfg.mean) != list(trained.mean) or list(data_cfg.std) != list(trained.std):
             log.info("normalising with the checkpoint's data.mean=%s data.std=%s", list(trained.mean),
