@@ -168,3 +168,21 @@ def test_training_datasets_are_augmented_heldout_ones_are_not(tmp_path):
     assert held.source.images[0].shape[-2:] == (8, 8)  # cached at size: resize-only
     assert torch.equal(held[0][0], held[0][0])
     assert not all(torch.equal(train[0][0], train[0][0]) for _ in range(3))
+
+
+def test_real_mix_tasks_are_reproducible_and_support_query_disjoint(tmp_path):
+    from metaseg.data import TaskSampler
+
+    for name in ("retina_drive", "retina_stare", "retina_chasedb1"):
+        folder_dataset(tmp_path / name, n=6, h=24, w=24)
+    tasks = []
+    for _ in range(2):
+        cfg = compose_cfg("train", ["data=retina_lodo", f"data.root={tmp_path}", "data.size=8", "data.workers=2"])
+        mix = build_mix(cfg.data)
+        sampler = TaskSampler(mix.train, mix.weights, 2, 2, seed=3)
+        tasks.append([sampler.sample() for _ in range(4)])
+    for t1, t2 in zip(*tasks):
+        assert t1.dataset == t2.dataset
+        assert torch.equal(t1.support[0], t2.support[0]) and torch.equal(t1.query[1], t2.query[1])
+        support = {tuple(x.flatten().tolist()) for x in t1.support[0]}
+        assert not support & {tuple(x.flatten().tolist()) for x in t1.query[0]}
