@@ -17,12 +17,37 @@ from omegaconf import MISSING
 
 @dataclass
 class DatasetConfig:
-    """One dataset of a mix."""
+    """One dataset of a mix: where its files are, what its mask values mean, how they map."""
 
-    source: str = "synthetic"  # synthetic (generated, no files)
+    source: str = "synthetic"  # synthetic (generated) | folder | voc | cityscapes | fss
     domain: int = 0  # synthetic: which appearance domain
     num_images: int = 200  # synthetic: how many images to generate
     weight: float = 1.0  # sampling weight among the meta-training datasets
+    # on-disk sources (metaseg/data/folder.py, voc.py, cityscapes.py, fss.py)
+    root: Optional[str] = None  # relative to data.root; null: the dataset's name
+    classes: Optional[List[str]] = None  # the dataset's own classes (index = id); null: data.classes
+    binary: Optional[bool] = None  # masks are 0/255 (255 -> class 1); null: true for 2 classes, no mask_values
+    mask_values: Any = None  # {int: int}: raw mask value -> dataset class id (255: ignore)
+    ignore_values: List[int] = field(default_factory=list)  # raw mask values that mean void
+    threshold: Optional[int] = None  # binary masks: grey value >= threshold is foreground (JPEG masks)
+    map: Any = None  # {dataset class: mix class}, each a name or id; mix class may be ignore
+    split: Optional[List[str]] = None  # splits.csv / ImageSets / gtFine splits to keep; null: all
+    groups: Any = None  # {column: [values]}: groups.csv column -> values to keep
+    folders: Optional[List[str]] = None  # fss: class folders; cityscapes: cities; null: all
+    mask_suffix: str = ""  # folder: masks/<stem><suffix>.png
+    max_images: Optional[int] = None  # keep this many, evenly spaced over the sorted stems
+
+
+@dataclass
+class AugmentConfig:
+    """Joint image/mask augmentation of the meta-training datasets (held-out ones: resize only)."""
+
+    enabled: bool = False
+    scale: List[float] = field(default_factory=lambda: [0.5, 1.0])  # random-resized-crop area range
+    ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])  # crop aspect-ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    vflip: float = 0.0  # probability of a vertical flip
+    jitter: float = 0.0  # colour jitter strength (brightness, contrast, saturation)
 
 
 @dataclass
@@ -30,14 +55,23 @@ class DataConfig:
     """A dataset mix: who is meta-trained on, who is held out, in which label space."""
 
     name: str = MISSING
-    classes: List[str] = MISSING  # the shared label space; index = class id
-    size: int = 64  # images are square, size x size pixels
+    classes: Optional[List[str]] = None  # the shared label space; index = class id
+    num_classes: Optional[int] = None  # instead of classes: N generic ones (background, class_1, ...)
+    size: int = 64  # images are square, size x size pixels (0 in data=folder: the checkpoint's)
     mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
-    train: List[str] = MISSING  # meta-training datasets (keys of `datasets`)
+    train: Optional[List[str]] = None  # meta-training datasets (keys of `datasets`); null: all not held out
     heldout: List[str] = field(default_factory=list)  # evaluated, never meta-trained on
-    seed: int = 0  # generator seed of synthetic sources (independent of the run's seed)
+    seed: int = 0  # generator seed of synthetic sources and augmentation (independent of the run's seed)
+    root: Optional[str] = None  # directory the datasets' roots are relative to
+    task: str = "semantic"  # semantic | binary_class (one class against the rest per task)
+    binary_classes: Optional[List[str]] = None  # binary_class: classes that become tasks; null: all but background
+    max_images: Optional[int] = None  # cap on images per dataset (quick runs); null: all
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: str = "memory"  # memory | disk: decoded, resized images kept in memory (and on disk)
+    cache_dir: Optional[str] = None  # disk cache folder (cache: disk); null: .cache/metaseg
+    workers: Optional[int] = None  # decoding threads; null: min(8, CPU count)
 
 
 @dataclass
@@ -126,11 +160,22 @@ class EvalRunConfig:
     seed: int = 0
 
 
+@dataclass
+class DataCmdConfig:
+    """``metaseg-data``: validate a dataset or mix, print a summary, write a grid of samples."""
+
+    data: DataConfig = MISSING
+    samples: int = 4  # samples per dataset in the overlay grid
+    grid: str = "samples.png"  # the grid's file name, in the run folder
+    task_images: Optional[int] = None  # also check every dataset holds this many images (shots + query)
+
+
 def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="data_cmd_schema", node=DataCmdConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="meta", name="schema", node=MetaConfig)

@@ -1,13 +1,24 @@
-"""A dataset mix: meta-training datasets with sampling weights, and held-out datasets."""
+"""A dataset mix: meta-training datasets with sampling weights, and held-out datasets.
+
+A mix config names its datasets (``data.datasets``), the ones to meta-train on
+(``data.train``; null: every dataset not held out) and the held-out ones (``data.heldout``),
+in one label space (``data.classes``) that each dataset maps into (:mod:`metaseg.data.labels`).
+A source may return several datasets (FSS-1000: one per class) and ``data.task:
+binary_class`` splits every dataset into one binary dataset per class
+(:mod:`metaseg.data.binary`); the parts are named ``<dataset>/<part>`` and share their
+dataset's sampling weight equally.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
+from metaseg.data.labels import mix_classes
 from metaseg.data.sources import build_source
 from metaseg.utils.errors import ConfigError
 
@@ -27,6 +38,27 @@ class Normalized(Dataset):
         image, mask = self.source[index]
         return (image - self.mean) / self.std, mask
 
+    def full_resolution(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image float (3, H, W) normalised, mask int64 (H, W))`` at the ORIGINAL size.
+
+        The file's own width and height and the same label mapping (mix ids, 255 = ignore) as
+        ``self[index]``, never augmented; for evaluation at the original resolution (sliding
+        window). Sources that render at ``data.size`` (the generated one) return their normal
+        sample.
+        """
+        full = getattr(self.source, "full_resolution", None)
+        image, mask = full(index) if full is not None else self.source[index]
+        return (image - self.mean) / self.std, mask
+
+    @property
+    def pixel_counts(self):
+        """Per image: pixels of each class then ignored ones, when the source keeps them (else None)."""
+        return getattr(self.source, "pixel_counts", None)
+
+    def info(self) -> dict:
+        info = getattr(self.source, "info", None)
+        return info() if info is not None else {"images": len(self)}
+
 
 @dataclass
 class Mix:
@@ -34,24 +66,35 @@ class Mix:
     train: dict[str, Dataset]
     weights: list[float]
     heldout: dict[str, Dataset]
+    parents: dict[str, str] = field(default_factory=dict)  # part name -> its entry of data.datasets
+    task: str = "semantic"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def _check_names(cfg: Any) -> None:
+def train_names(cfg: Any) -> list[str]:
+    """``data.train``, or every dataset not held out when it is null."""
+    if cfg.get("train") is None:
+        return [n for n in cfg.datasets if n not in set(cfg.heldout)]
+    return list(cfg.train)
+
+
+def _check_names(cfg: Any, train: list[str], need_train: bool) -> None:
     known = set(cfg.datasets)
-    for key in ("train", "heldout"):
-        unknown = [n for n in cfg[key] if n not in known]
+    for key, names in (("train", train), ("heldout", list(cfg.heldout))):
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(
                 f"data.{key} names {unknown}, which data.datasets does not define "
                 f"(defined: {', '.join(sorted(known)) or 'none'})"
             )
-    if not cfg.train:
+    if not need_train:
+        return
+    if not train:
         raise ConfigError("data.train is empty: name at least one dataset to meta-train on")
-    both = sorted(set(cfg.train) & set(cfg.heldout))
+    both = sorted(set(train) & set(cfg.heldout))
     if both:
         raise ConfigError(
             f"{both} listed in both data.train and data.heldout: a held-out dataset must not be "
@@ -60,18 +103,46 @@ def _check_names(cfg: Any) -> None:
 
 
 def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
-    """Build the datasets a ``DataConfig`` names; ``need_train=False`` builds held-out ones only."""
-    if need_train:
-        _check_names(cfg)
-    names = (list(cfg.train) if need_train else []) + list(cfg.heldout)
-    built = {}
+    """Build the datasets a ``DataConfig`` names; ``need_train=False`` builds held-out ones only.
+
+    On-disk datasets are listed, checked, decoded and cached here, so bad data stops the run
+    before its first step.
+    """
+    if cfg.size < 8:
+        raise ConfigError(f"data.size={cfg.size} must be >= 8 (data=folder leaves it 0 for metaseg-eval to take "
+                          f"the checkpoint's); set data.size=N")
+    classes = mix_classes(cfg)
+    task = check_task(cfg)
+    train = train_names(cfg)
+    _check_names(cfg, train, need_train)
+    targets = task_classes(cfg, classes) if task == "binary_class" else []
+    names = (train if need_train else []) + list(cfg.heldout)
+    built: dict[str, dict[str, Dataset]] = {}
     for name in names:
-        built[name] = Normalized(build_source(name, cfg.datasets[name], cfg), cfg.mean, cfg.std)
-    for name, ds in built.items():
-        if len(ds) == 0:
-            raise ConfigError(f"dataset {name!r} has no images")
-    train = {n: built[n] for n in (cfg.train if need_train else [])}
-    weights = [float(cfg.datasets[n].weight) for n in train]
-    if any(w < 0 for w in weights) or (train and sum(weights) <= 0):
-        raise ConfigError(f"data.datasets.*.weight must be >= 0 with a positive sum, got {weights}")
-    return Mix(list(cfg.classes), train, weights, {n: built[n] for n in cfg.heldout})
+        ds_cfg = cfg.datasets[name]
+        source = build_source(name, ds_cfg, cfg, classes=classes, augment=need_train and name in train)
+        parts = {f"{name}/{k}": v for k, v in source.items()} if isinstance(source, dict) else {name: source}
+        out: dict[str, Dataset] = {}
+        for part, ds in parts.items():
+            if len(ds) == 0:
+                raise ConfigError(f"dataset {part!r} has no images")
+            ds = Normalized(ds, cfg.mean, cfg.std)
+            out.update(split_by_class(part, ds, targets, classes) if task == "binary_class" else {part: ds})
+        built[name] = out
+    train_sets, weights, parents = {}, [], {}
+    for name in (train if need_train else []):
+        w = float(cfg.datasets[name].weight)
+        for part, ds in built[name].items():
+            train_sets[part] = ds
+            weights.append(w / len(built[name]))
+            parents[part] = name
+    if any(w < 0 for w in weights) or (train_sets and sum(weights) <= 0):
+        raise ConfigError(f"data.datasets.*.weight must be >= 0 with a positive sum, got "
+                          f"{[float(cfg.datasets[n].weight) for n in train]}")
+    heldout = {}
+    for name in cfg.heldout:
+        for part, ds in built[name].items():
+            heldout[part] = ds
+            parents[part] = name
+    out_classes = list(BINARY_CLASSES) if task == "binary_class" else classes
+    return Mix(out_classes, train_sets, weights, heldout, parents, task)

@@ -1,0 +1,110 @@
+"""``data.task: binary_class``: one class against the rest per task, the few-shot segmentation setting.
+
+Every dataset of the mix is split into one binary dataset per class of ``data.binary_classes``
+(null: every class but ``background``), named ``<dataset>/<class>``, holding the images where
+that class has at least one labelled pixel at the working resolution. Masks become 1 on the
+class, 0 elsewhere, and ignore (255) stays ignore; the mix's label space becomes
+``[background, foreground]``. A task then draws its support and query images from one such
+dataset: "segment this class from these few examples". Held-out datasets are split the same
+way, so every held-out class is evaluated as its own binary dataset (the PASCAL-5i / FSS-1000
+protocol), and a checkpoint trained this way evaluates any binary folder with its own head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from metaseg.data.labels import IGNORE
+from metaseg.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+TASKS = ("semantic", "binary_class")
+BINARY_CLASSES = ["background", "foreground"]
+
+
+def binarize(mask: torch.Tensor, class_id: int) -> torch.Tensor:
+    out = (mask == class_id).long()
+    out[mask == IGNORE] = IGNORE
+    return out
+
+
+class BinaryClassView(Dataset):
+    """Images ``indices`` of ``base`` with masks ``class_id`` -> 1, other classes -> 0, 255 kept."""
+
+    def __init__(self, base: Dataset, class_id: int, indices: Sequence[int], num_classes: int):
+        self.base, self.class_id, self.indices = base, int(class_id), [int(i) for i in indices]
+        self.num_classes = num_classes  # of the base dataset
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, mask = self.base[self.indices[index]]
+        return image, binarize(mask, self.class_id)
+
+    def full_resolution(self, index: int):
+        """The base dataset's original-size sample, its mask binarised the same way."""
+        image, mask = self.base.full_resolution(self.indices[index])
+        return image, binarize(mask, self.class_id)
+
+    @property
+    def pixel_counts(self) -> np.ndarray:
+        counts = pixel_counts(self.base, self.num_classes)[self.indices]
+        fg = counts[:, self.class_id]
+        return np.stack([counts[:, :-1].sum(1) - fg, fg, counts[:, -1]], axis=1)
+
+
+def pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
+    """Per image: labelled pixels of each class, then ignored pixels, at the working resolution.
+
+    Cached datasets keep these counts; others (the generated source) are counted from their
+    samples, which are deterministic when they are not augmented.
+    """
+    counts = getattr(dataset, "pixel_counts", None)
+    if counts is not None:
+        return np.asarray(counts)
+    rows = []
+    for i in range(len(dataset)):
+        mask = dataset[i][1].numpy().ravel()
+        rows.append(np.bincount(np.where(mask == IGNORE, 0, mask + 1), minlength=num_classes + 1))
+    out = np.stack(rows)
+    return np.concatenate([out[:, 1:], out[:, :1]], axis=1)
+
+
+def task_classes(data_cfg: Any, classes: Sequence[str]) -> list[int]:
+    wanted = data_cfg.get("binary_classes")
+    if wanted is None:
+        return [i for i, c in enumerate(classes) if c != "background"]
+    unknown = [c for c in wanted if c not in classes]
+    if unknown:
+        raise ConfigError(f"data.binary_classes names {unknown}, not in data.classes {list(classes)}")
+    return [classes.index(c) for c in wanted]
+
+
+def split_by_class(name: str, dataset: Dataset, class_ids: Sequence[int], classes: Sequence[str],
+                   min_pixels: int = 1) -> dict[str, Dataset]:
+    """``{"<name>/<class>": BinaryClassView}`` for each class present in at least one image."""
+    counts = pixel_counts(dataset, len(classes))
+    out: dict[str, Dataset] = {}
+    for cid in class_ids:
+        idx = np.flatnonzero(counts[:, cid] >= min_pixels)
+        if len(idx):
+            out[f"{name}/{classes[cid]}"] = BinaryClassView(dataset, cid, idx, len(classes))
+        else:
+            log.info("dataset %r: class %r appears in no image, no task for it", name, classes[cid])
+    if not out:
+        raise ConfigError(f"data.task=binary_class: dataset {name!r} has none of the classes "
+                          f"{[classes[c] for c in class_ids]}; check data.binary_classes")
+    return out
+
+
+def check_task(data_cfg: Any) -> str:
+    task = data_cfg.get("task") or "semantic"
+    if task not in TASKS:
+        raise ConfigError(f"data.task={task!r} is not one of {', '.join(TASKS)}")
+    return task

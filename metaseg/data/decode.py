@@ -1,0 +1,114 @@
+"""Reading image and mask files with Pillow, with every failure turned into a named problem.
+
+Two passes keep bad data cheap to find: :func:`probe` reads only headers (size, mode), so
+a missing, unreadable or mismatched file is reported in a second even for a large dataset;
+:func:`decode_pair` then decodes pixels, which finds truncated files and undeclared mask
+values. Large JPEGs are decoded at a reduced scale (``Image.draft``, the DCT-domain
+shrink) when the cache needs far fewer pixels than the file holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from metaseg.data.labels import LabelMap
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif")
+INDEX_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+
+
+@dataclass
+class Pair:
+    """One labelled image: its files and the metadata its dataset's lists give it."""
+
+    stem: str
+    image: Path
+    mask: Path
+    split: Optional[str] = None
+    groups: dict = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    size: tuple[int, int]  # (W, H) of the image
+    problem: Optional[tuple[str, str]] = None  # (kind, detail)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def probe(pair: Pair, labels: LabelMap) -> Probe:
+    """Headers only: readable files, equal sizes, a single-channel mask."""
+    try:
+        with Image.open(pair.image) as im:
+            isize = im.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
+        return Probe((0, 0), ("unreadable", f"{pair.image.name} ({_reason(exc)})"))
+    try:
+        with Image.open(pair.mask) as m:
+            msize, mode = m.size, m.mode
+    except Exception as exc:  # noqa: BLE001
+        return Probe(isize, ("unreadable", f"{pair.mask.name} ({_reason(exc)})"))
+    if msize != isize:
+        return Probe(isize, ("size", f"{pair.stem} (image {isize[0]}x{isize[1]}, mask {msize[0]}x{msize[1]})"))
+    if mode not in INDEX_MODES and labels.threshold is None:
+        return Probe(isize, ("rgb", f"{pair.mask.name} (mode {mode})"))
+    return Probe(isize)
+
+
+def read_mask(path: Path, labels: LabelMap) -> np.ndarray:
+    """Raw mask values (H, W): palette indices stay indices; RGB is greyed only when thresholding."""
+    with Image.open(path) as m:
+        if m.mode == "1":
+            m = m.convert("L")
+        elif m.mode not in INDEX_MODES:
+            m = m.convert("L")  # probe() let it through: a threshold is declared
+        raw = np.asarray(m)
+    if raw.dtype == bool:
+        raw = raw.astype(np.uint8) * 255
+    return labels.prepare(raw)
+
+
+def read_image(path: Path, shrink_to: Optional[tuple[int, int]] = None) -> Image.Image:
+    """The image as RGB; ``shrink_to=(W, H)`` lets a JPEG decode at up to 8x smaller scale first."""
+    im = Image.open(path)
+    if shrink_to is not None and im.format == "JPEG":
+        im.draft("RGB", shrink_to)
+    im = im.convert("RGB")
+    im.load()
+    return im
+
+
+def decode_pair(pair: Pair, labels: LabelMap, out_hw: Optional[tuple[int, int]]):
+    """``(image uint8 (H, W, 3), mix-id mask uint8 (H, W))`` at ``out_hw`` (None: original size).
+
+    Returns ``(None, (kind, detail))`` for a truncated file or undeclared mask values.
+    """
+    try:
+        raw = read_mask(pair.mask, labels)
+    except Exception as exc:  # noqa: BLE001
+        return None, ("unreadable", f"{pair.mask.name} ({_reason(exc)})")
+    bad = labels.undeclared(raw)
+    if bad:
+        shown = ", ".join(map(str, bad[:6])) + (" ..." if len(bad) > 6 else "")
+        return None, ("values", f"{pair.mask.name} (values {shown})")
+    mask = Image.fromarray(labels.apply(raw))
+    try:
+        image = read_image(pair.image, None if out_hw is None else (out_hw[1], out_hw[0]))
+    except Exception as exc:  # noqa: BLE001
+        return None, ("unreadable", f"{pair.image.name} ({_reason(exc)})")
+    if out_hw is not None:
+        h, w = out_hw
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        if mask.size != (w, h):
+            mask = mask.resize((w, h), Image.Resampling.NEAREST)
+    return (np.array(image), np.array(mask)), None

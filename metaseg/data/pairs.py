@@ -1,0 +1,191 @@
+"""A dataset of image/mask file pairs: checked, decoded and cached when it is built.
+
+Every on-disk format (folder, VOC, Cityscapes, FSS-1000) lists its pairs and its label map
+and hands them to :class:`PairDataset`, which
+
+1. reads every header (unreadable files, image/mask size mismatches, RGB masks where class
+   indices are declared),
+2. decodes every pair once (truncated files, mask values outside the declared mapping),
+   maps masks into the mix's label space, resizes to the working resolution and keeps the
+   result as uint8 (:mod:`metaseg.data.cache`),
+3. serves ``(image float (3, size, size) in [0, 1], mask int64 (size, size))`` through a
+   joint transform (:mod:`metaseg.data.transforms`), and ``full_resolution(i)`` at the
+   original size for sliding-window evaluation.
+
+All problems of a kind are gathered and reported at once, first few files named, before
+any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from metaseg.data.cache import DiskCache, disk_cache
+from metaseg.data.decode import Pair, decode_pair, probe
+from metaseg.data.labels import IGNORE, LabelMap
+from metaseg.data.transforms import JointTransform, working_hw
+from metaseg.utils.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# kind -> (what is wrong, how to fix it); reported in this order
+PROBLEMS = {
+    "unreadable": ("cannot be read (unreadable or truncated)", "replace or remove these files"),
+    "size": ("have image and mask of different sizes", "each mask must have its image's width and height"),
+    "rgb": ("are colour (RGB) masks, but class-index masks are declared",
+            "save masks as single-channel PNGs of class indices (mode L or P), or for 0/255 masks set "
+            "{key}.threshold=128"),
+    "values": ("hold mask values outside the declared mapping {declared}",
+               "fix the masks, or declare the values ({key}.mask_values, {key}.ignore_values, {key}.classes)"),
+}
+
+
+def few(items: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` items and how many more: ``a, b, c and 7 more``."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _describe(values: list[int]) -> str:
+    if len(values) > 12:
+        return "{" + ", ".join(map(str, values[:12])) + ", ...}"
+    return "{" + ", ".join(map(str, values)) + "}"
+
+
+def raise_problems(name: str, problems: list[tuple[str, str]], labels: LabelMap, where: Path) -> None:
+    """One ``DataError`` line for the first kind of problem found, naming the first few files."""
+    if not problems:
+        return
+    key = f"data.datasets.{name}"
+    for kind, (what, fix) in PROBLEMS.items():
+        files = [detail for k, detail in problems if k == kind]
+        if files:
+            fmt = {"key": key, "declared": _describe(labels.declared_values())}
+            raise DataError(f"dataset {name!r} ({where}): {len(files)} file(s) {what.format(**fmt)}: "
+                            f"{few(files)}; {fix.format(**fmt)}")
+
+
+def decode_workers(data_cfg: Any) -> int:
+    n = data_cfg.get("workers")
+    return max(1, int(n)) if n is not None else max(1, min(8, os.cpu_count() or 1))
+
+
+def evenly_spaced(items: list, limit: Optional[int]) -> list:
+    """``limit`` items spread evenly over ``items`` (all of them when ``limit`` is null or larger)."""
+    if limit is None or limit >= len(items):
+        return items
+    if limit < 1:
+        return []
+    idx = np.linspace(0, len(items) - 1, limit).round().astype(int)
+    return [items[i] for i in idx]
+
+
+class PairDataset(Dataset):
+    """Checked, decoded, cached image/mask pairs of one dataset (see the module docstring)."""
+
+    def __init__(self, name: str, pairs: Sequence[Pair], labels: LabelMap, *, size: int, num_classes: int,
+                 where: Path, augment: Optional[Any] = None, seed: int = 0,
+                 disk: Optional[DiskCache] = None, workers: int = 1):
+        self.name, self.pairs, self.labels, self.where = name, list(pairs), labels, where
+        self.size, self.num_classes = size, num_classes
+        self.augmented = augment is not None and bool(augment.enabled)
+        self.transform = JointTransform(size, augment if self.augmented else None, seed=seed, name=name)
+        if not self.pairs:
+            raise DataError(f"dataset {name!r} ({where}): no image/mask pairs left to use; check its folder, "
+                            f"split and groups filters")
+        with ThreadPoolExecutor(workers) as pool:
+            probes = list(pool.map(lambda p: probe(p, labels), self.pairs))
+            raise_problems(name, [p.problem for p in probes if p.problem], labels, where)
+            self.sizes = [p.size for p in probes]  # original (W, H)
+            hws = [working_hw(w, h, size, self.augmented) for w, h in self.sizes]
+            results = list(pool.map(lambda a: self._load(*a, disk), zip(self.pairs, hws)))
+        raise_problems(name, [problem for _, problem in results if problem], labels, where)
+        self.images = [torch.from_numpy(np.ascontiguousarray(r[0].transpose(2, 0, 1))) for r, _ in results]
+        self.masks = [torch.from_numpy(np.ascontiguousarray(r[1])) for r, _ in results]
+        counts = [np.bincount(m.numpy().ravel(), minlength=256) for m in self.masks]
+        # per image: labelled pixels of each mix class, then ignored pixels
+        self.pixel_counts = np.stack([np.concatenate([c[:num_classes], [c[IGNORE]]]) for c in counts])
+        log.info("dataset %r: %d pairs from %s", name, len(self.pairs), where)
+
+    def _load(self, pair: Pair, hw: tuple[int, int], disk: Optional[DiskCache]):
+        key = DiskCache.key(pair, hw, self.labels) if disk is not None else None
+        if disk is not None:
+            hit = disk.get(key)
+            if hit is not None:
+                return hit, None
+        arrays, problem = decode_pair(pair, self.labels, hw)
+        if arrays is not None and disk is not None:
+            disk.put(key, *arrays)
+        return arrays, problem
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index], self.masks[index])
+
+    def full_resolution(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image float (3, H, W) in [0, 1], mask int64 (H, W))`` at the file's original size.
+
+        Decoded from disk on each call (not cached), with the same label mapping as the
+        cached samples; for sliding-window evaluation at the original resolution.
+        """
+        arrays, problem = decode_pair(self.pairs[index], self.labels, None)
+        if arrays is None:
+            raise DataError(f"dataset {self.name!r}: {problem[1]} changed since it was checked")
+        image = torch.from_numpy(np.ascontiguousarray(arrays[0].transpose(2, 0, 1))).float().div_(255)
+        return image, torch.from_numpy(np.ascontiguousarray(arrays[1])).long()
+
+    def info(self, indices: Optional[Sequence[int]] = None) -> dict:
+        """What ``metaseg-data`` reports: image count per split and original sizes (W, H)."""
+        indices = range(len(self)) if indices is None else indices
+        splits: dict[str, int] = {}
+        for i in indices:
+            split = self.pairs[i].split or "all"
+            splits[split] = splits.get(split, 0) + 1
+        w = [self.sizes[i][0] for i in indices] or [0]
+        h = [self.sizes[i][1] for i in indices] or [0]
+        return {"images": len(indices), "splits": splits, "root": str(self.where),
+                "size_min": [min(w), min(h)], "size_max": [max(w), max(h)]}
+
+
+class IndexView(Dataset):
+    """The images ``indices`` of ``base``, with its ``full_resolution`` and pixel counts."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]):
+        self.base, self.indices = base, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+    def full_resolution(self, index: int):
+        """See :meth:`PairDataset.full_resolution`."""
+        return self.base.full_resolution(self.indices[index])
+
+    @property
+    def pixel_counts(self) -> np.ndarray:
+        return self.base.pixel_counts[self.indices]
+
+    def info(self) -> dict:
+        if isinstance(self.base, PairDataset):
+            return self.base.info(self.indices)
+        return {"images": len(self)}
+
+
+def build_pair_dataset(name: str, pairs: Sequence[Pair], labels: LabelMap, data_cfg: Any, where: Path,
+                       augment: bool, num_classes: int) -> PairDataset:
+    """A :class:`PairDataset` with the mix's size, augmentation, cache and decoding threads."""
+    return PairDataset(name, pairs, labels, size=int(data_cfg.size), num_classes=num_classes, where=where,
+                       augment=data_cfg.augment if augment else None, seed=int(data_cfg.seed),
+                       disk=disk_cache(data_cfg), workers=decode_workers(data_cfg))

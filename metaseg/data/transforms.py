@@ -1,0 +1,125 @@
+"""Joint image/mask transforms on torchvision.transforms.v2 and tv_tensors.
+
+The image is a ``tv_tensors.Image`` and the mask a ``tv_tensors.Mask``, and the same v2
+functional op with the same parameters moves both: on a ``Mask`` geometric ops use nearest
+interpolation (labels are never blended, 255 stays 255); photometric ops touch the image only. Held-out and evaluation data
+are only resized to ``data.size``; meta-training data (``data.augment.enabled``) get a
+random-resized crop to ``data.size``, flips and optional colour jitter.
+
+Augmentation draws its parameters from its own ``torch.Generator``, seeded by ``data.seed``
+and the dataset name, so the same config gives the same crops on every run, and model code
+drawing from torch's global generator does not shift the augmentation stream (or back).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Optional
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from metaseg.utils.errors import ConfigError
+
+CACHE_FACTOR = 2  # augmented datasets are cached at 2 x data.size on the shorter side
+
+
+def working_hw(width: int, height: int, size: int, augment: bool) -> tuple[int, int]:
+    """Height and width an image is cached at: ``size x size`` for resize-only data; for
+    augmented data, the aspect ratio kept and the shorter side ``2 * size`` (never enlarged),
+    so a random crop still has pixels to spare."""
+    if not augment:
+        return size, size
+    short = min(width, height)
+    scale = min(1.0, CACHE_FACTOR * size / short)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
+def check_augment(aug: Any) -> None:
+    scale, ratio = list(aug.scale), list(aug.ratio)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.augment.scale={scale} must be [low, high] with 0 < low <= high <= 1")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"data.augment.ratio={ratio} must be [low, high] with 0 < low <= high")
+    for key in ("hflip", "vflip"):
+        if not 0 <= aug[key] <= 1:
+            raise ConfigError(f"data.augment.{key}={aug[key]} is a probability: use a value in [0, 1]")
+    if not 0 <= aug.jitter < 1:
+        raise ConfigError(f"data.augment.jitter={aug.jitter} must be in [0, 1)")
+
+
+def crop_box(height: int, width: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop covering ``scale`` of the area at an aspect ratio in
+    ``ratio`` (log-uniform); v2.RandomResizedCrop's rule, drawn from ``g``. Falls back to the
+    largest centred crop within ``ratio`` after 10 tries."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g)))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * float(torch.rand(1, generator=g)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class JointTransform:
+    """``(image (3, H, W) uint8 or float, mask (H, W)) -> (float (3, size, size) in [0, 1], int64 mask)``.
+
+    Without augmentation: a resize to ``size x size``. With it: random-resized crop, flips and
+    colour jitter (brightness, contrast, saturation factors in ``[1 - jitter, 1 + jitter]``),
+    the v2 functional ops applied to the ``Image``/``Mask`` pair with parameters drawn from
+    this transform's own generator.
+    """
+
+    def __init__(self, size: int, aug: Optional[Any] = None, *, seed: int = 0, name: str = ""):
+        self.size = int(size)
+        self.aug = aug if aug is not None and bool(aug.enabled) else None
+        self.random = self.aug is not None
+        if self.aug is not None:
+            check_augment(self.aug)
+        self.generator = torch.Generator().manual_seed(
+            (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+    def _coin(self, p: float) -> bool:
+        return p > 0 and float(torch.rand(1, generator=self.generator)) < p
+
+    def _factor(self, strength: float) -> float:
+        return 1 + strength * (2 * float(torch.rand(1, generator=self.generator)) - 1)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        out = [self.size, self.size]
+        if self.aug is None:
+            if tuple(img.shape[-2:]) != (self.size, self.size):
+                img = F.resize(img, out, antialias=True)
+                msk = F.resize(msk, out)  # masks: nearest
+        else:
+            a = self.aug
+            top, left, h, w = crop_box(img.shape[-2], img.shape[-1], a.scale, a.ratio, self.generator)
+            img = F.resized_crop(img, top, left, h, w, out, antialias=True)
+            msk = F.resized_crop(msk, top, left, h, w, out)  # masks: nearest, 255 stays 255
+            if self._coin(a.hflip):
+                img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
+            if self._coin(a.vflip):
+                img, msk = F.vertical_flip(img), F.vertical_flip(msk)
+            if a.jitter:
+                img = F.adjust_brightness(img, self._factor(a.jitter))
+                img = F.adjust_contrast(img, self._factor(a.jitter))
+                img = F.adjust_saturation(img, self._factor(a.jitter))
+        img = img.as_subclass(torch.Tensor)
+        if img.dtype == torch.uint8:
+            img = img.float().div_(255)
+        return img.contiguous(), msk.as_subclass(torch.Tensor).long()
