@@ -72,9 +72,9 @@ def test_eval_cli_on_the_checkpoint(trained):
         for key in ("miou", "mf1", "pixel_acc"):
             assert 0 <= z[key] <= 1
             assert 0 <= a[key]["mean"] <= 1 and a[key]["ci95"] >= 0
-        assert a["shots"] == 5 and len(a["per_episode"]) == 5
+        assert a["shots"] == 5 and len(a["per_episode"]) == 10  # eval.yaml: 10 episodes
         supports = [tuple(ep["support"]) for ep in a["per_episode"]]
-        assert len(set(supports)) == 5  # episodes draw different support sets
+        assert len(set(supports)) == 10  # episodes draw different support sets
         assert a["adapt_steps"] == 3 and a["adapt_lr"] == 0.05  # from the checkpoint's meta config
     # the same command twice gives the same numbers (seeded episodes, CPU)
     out2 = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "eval.episodes=2",
