@@ -46,6 +46,7 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
         raise CheckpointError(f"checkpoint={cfg.checkpoint!r}: weights do not fit its model config: "
                               f"{str(exc).splitlines()[0]}") from exc
     learner = make_learner(model.to(device), train_cfg.meta, Precision(cfg.precision, device.type))
+    learner.load_meta_state_dict(ckpt.get("meta_state"))  # Meta-SGD's learned step sizes, if any
     result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
     result["checkpoint"] = str(cfg.checkpoint)
     result["step"] = ckpt.get("step")

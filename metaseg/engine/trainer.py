@@ -8,7 +8,6 @@ point, the tests and sweepers all run the same code; it returns the final metric
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,21 @@ from tqdm.auto import tqdm
 
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine.build import make_learner
+from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.evaluate import evaluate_heldout
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
-from metaseg.utils.errors import ConfigError, MetasegError
+from metaseg.utils.errors import ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("maml",)
-MAX_NONFINITE_IN_A_ROW = 3
 
 
 def validate(cfg: Any) -> None:
     """Checks the schema cannot express: allowed values and cross-field constraints."""
     m, t, e = cfg.meta, cfg.trainer, cfg.eval
-    if m.algorithm not in ALGORITHMS:
-        raise ConfigError(f"meta.algorithm={m.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    validate_meta(m)
     for key, value, low in (("meta.inner_steps", m.inner_steps, 0), ("meta.meta_batch", m.meta_batch, 1),
                             ("trainer.max_steps", t.max_steps, 1), ("trainer.log_every", t.log_every, 1),
                             ("trainer.ckpt_every", t.ckpt_every, 1), ("trainer.eval_every", t.eval_every, 0),
@@ -75,73 +71,46 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     meta = cfg.meta
 
     mix = build_mix(cfg.data)
-    sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed)
+    sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     for name, ds in mix.heldout.items():
         if cfg.eval.shots and len(ds) <= cfg.eval.shots:
             raise ConfigError(f"held-out dataset {name!r} has {len(ds)} images, fewer than eval.shots+1; "
                               f"lower eval.shots")
     model = build_model(cfg.model, mix.num_classes).to(device)
-    learner = make_learner(model, meta, precision)
-    optimizer = torch.optim.Adam(model.parameters(), lr=meta.outer_lr)
+    learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
+    optimizer = learner.make_optimizer()
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / "checkpoints" / "last.pt", model=model.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        sampler=sampler.state_dict(), step=step, config=resolved, classes=mix.classes)
+                        sampler=sampler.state_dict(), step=step, config=resolved, classes=mix.classes,
+                        meta_state=learner.meta_state_dict())
 
-    log.info("meta-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
-             "%s order, precision %s, device %s", cfg.model.arch + "-" + cfg.model.encoder,
+    log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
+             "%s order, precision %s, device %s", learner.name, cfg.model.arch + "-" + cfg.model.encoder,
              list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
-             meta.inner_lr, meta.outer_lr, "first" if meta.first_order else "second", precision.mode, device)
+             meta.inner_lr, meta.outer_lr, "first" if learner.is_first_order(cfg.trainer.max_steps) else "second",
+             precision.mode, device)
     writer = SummaryWriter(str(run_dir / "tb"))
-    nonfinite_run = 0
     t0 = time.perf_counter()
     try:
         bar = tqdm(range(1, cfg.trainer.max_steps + 1), desc="meta-train", disable=None, dynamic_ncols=True)
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
-            optimizer.zero_grad(set_to_none=True)
-            if precision.mode == "16":
-                precision.scale = float(scaler.get_scale())
-            precision.nonfinite = False
-            outer, before, stats = 0.0, 0.0, []
-            for _ in range(meta.meta_batch):
-                task = sampler.sample().to(device)
-                if log_now:
-                    with torch.no_grad(), precision.autocast():
-                        before += float(learner.loss(model(task.query[0]), task.query[1])) / meta.meta_batch
-                loss = learner.outer_loss(task.support, task.query) / meta.meta_batch
-                scaler.scale(loss).backward()
-                outer += float(loss.detach())
-                stats.append(learner.last_stats)
-            if precision.mode != "16" and not math.isfinite(outer):
-                nonfinite_run += 1
-                log.warning("step %d: non-finite outer loss, step skipped", step)
-                if nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
-                    raise MetasegError(
-                        f"outer loss non-finite for {MAX_NONFINITE_IN_A_ROW} steps in a row at step {step}: "
-                        f"lower meta.inner_lr (now {meta.inner_lr}) or meta.outer_lr (now {meta.outer_lr})")
-                continue
-            nonfinite_run = 0
-            scaler.step(optimizer)
-            scaler.update()
+            # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
+            stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
 
             if log_now:
-                mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
                 elapsed = time.perf_counter() - t0
-                writer.add_scalar("train/outer_loss", outer, step)
-                writer.add_scalar("train/query_loss_before", before, step)
-                writer.add_scalar("train/query_loss_after", mean("query_loss_after"), step)
-                writer.add_scalar("train/support_loss_before", mean("support_loss_before"), step)
-                writer.add_scalar("train/support_loss_after", mean("support_loss_after"), step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, step)
                 writer.add_scalar("train/tasks_per_second", step * meta.meta_batch / elapsed, step)
-                if precision.mode == "16":
-                    writer.add_scalar("train/loss_scale", scaler.get_scale(), step)
+                outer, before = stats.get("outer_loss", float("nan")), stats.get("query_loss_before", float("nan"))
                 bar.set_postfix(outer=f"{outer:.3f}", before=f"{before:.3f}")
                 log.info("step %d/%d  outer %.4f  query before %.4f  after %.4f  (%.1fs)", step,
-                         cfg.trainer.max_steps, outer, before, mean("query_loss_after"), elapsed)
+                         cfg.trainer.max_steps, outer, before, stats.get("query_loss_after", float("nan")), elapsed)
             if step % cfg.trainer.ckpt_every == 0 and step != cfg.trainer.max_steps:
                 checkpoint(step)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:
