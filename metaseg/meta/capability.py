@@ -3,12 +3,18 @@
 Second-order MAML differentiates the inner gradient again. Some layers have no second
 derivative: timm's hard-swish / hard-sigmoid (MobileNetV3, ``tu-mobilenetv3_*``) fail with
 ``derivative for aten::hardsigmoid_backward is not implemented``, and only at the outer
-``backward()``, after a full inner loop. A custom autograd function whose backward is not
-itself differentiable fails silently instead: the inner gradient comes back without a
-graph and its second-order terms are lost. :func:`second_order_problem` runs one tiny
-inner step and outer gradient on the model to find either before training starts; the
-build step then stops with the fix, or falls back to first order with a warning
+``backward()``, after a full inner loop. :func:`second_order_problem` runs one tiny inner
+step and outer gradient on the model to find that before training starts; the build step
+then stops with the fix, or falls back to first order with a warning
 (``meta.second_order_fallback``).
+
+Not detected: a custom autograd function whose backward runs outside autograd (under
+``no_grad``) loses its second-order terms silently; autograd still attaches the
+neighbouring layers' double-backward nodes, so nothing looks wrong. A finite-difference
+check of the meta-gradient cannot tell either: on ReLU networks the meta-loss jumps
+wherever a unit crosses its kink (the inner gradient does), so it disagrees with a correct
+gradient too. The smp encoders tried (resnet, mobilenet_v2, timm-efficientnet, mobileone)
+either work or raise.
 
 Parameters the forward pass never reaches (efficientnet-b0's unused stages) are no
 problem here: the inner loop takes gradients with ``allow_unused`` and leaves them at theta;
@@ -68,10 +74,6 @@ def second_order_problem(model: nn.Module, loss: Callable, names: Sequence[str],
         support = inner.loss_at(theta, x, y)
         grads = torch.autograd.grad(support, [theta[n] for n in names], create_graph=True, allow_unused=True)
         unused = [n for n, g in zip(names, grads) if g is None]
-        flat = [n for n, g in zip(names, grads) if g is not None and not g.requires_grad]
-        if flat:
-            return Probe(f"the inner gradient of {flat[0]} has no graph (a layer whose backward is not "
-                         f"differentiable), so second-order terms would be silently lost", unused)
         fast = dict(theta)
         for n, g in zip(names, grads):
             if g is not None:
