@@ -429,3 +429,24 @@ def test_every_algorithm_is_reachable_from_metalearner():
         assert torch.isfinite(loss) and learner.model[0].weight.grad is not None
     with pytest.raises(ValueError, match="reptyle"):
         MetaLearner.create("reptyle", tiny_net(), inner_lr=ALPHA, inner_steps=1)
+
+
+def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient():
+    from metaseg.config import ModelConfig
+    from metaseg.models import build_model
+    from tests.test_precision import shapes_task
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]}), 4).double()
+    support, query = [(x.double(), y) for x, y in shapes_task(n=2)]
+    calls = []
+    model.encoder.conv1.register_forward_hook(lambda *a: calls.append(1))  # runs only when computed
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3)
+    assert model.encoder in learner.inner.frozen and model.decoder.blocks[0] in learner.inner.frozen
+    _, reused = grads_of(learner, support, query)
+    assert len(calls) == 2  # the support batch once for all three inner steps, the query once
+    learner.inner.frozen = []  # recompute everything at every step
+    calls.clear()
+    _, plain = grads_of(learner, support, query)
+    assert len(calls) == 4
+    assert_close(reused, plain, rtol=1e-10, atol=1e-13)
+    assert not any("forward" in vars(m) for m in model.modules())  # the memo is gone after the task

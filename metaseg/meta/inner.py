@@ -25,6 +25,7 @@ scaled before ``autograd.grad`` and the gradients unscaled before the update
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -91,12 +92,76 @@ def select_parameters(model: nn.Module, patterns: Optional[Iterable[str]],
     return [n for n in trainable if n in chosen]
 
 
+def frozen_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The largest submodules with parameters, none of them adapted: their outputs are reusable."""
+    adapted, found = set(names), []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            full = prefix + child_name
+            params = [f"{full}.{n}" for n, _ in child.named_parameters()]
+            if params and not adapted.intersection(params):
+                found.append(child)
+            elif params:
+                visit(full + ".", child)
+
+    visit("", model)
+    return found
+
+
+def _key(obj):
+    """Identity of a call's arguments: tensors by object and in-place version, the rest by value."""
+    if isinstance(obj, torch.Tensor):
+        return ("t", id(obj), obj._version)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, *map(_key, obj))
+    if isinstance(obj, dict):
+        return ("d", *((k, _key(v)) for k, v in sorted(obj.items())))
+    return ("v", obj if isinstance(obj, (int, float, str, bool, type(None))) else id(obj))
+
+
 class InnerLoop:
-    """SGD steps on the parameters ``names`` of ``model``, as pure functions of fast weights."""
+    """SGD steps on the parameters ``names`` of ``model``, as pure functions of fast weights.
+
+    Inside :meth:`reusing`, a module none of whose parameters is adapted (ANIL's encoder and
+    first decoder blocks) computes its output once per distinct input: the K inner steps
+    on one support batch and the query evaluations share it, graph included, instead of
+    recomputing the same encoder features K times. Modules downstream of an adapted one
+    see new inputs at every step and run as usual. Plain MAML adapts everything and has no
+    such module.
+    """
 
     def __init__(self, model: nn.Module, loss: LossFn, precision: Precision, names: Sequence[str]):
         self.model, self.loss, self.precision = model, loss, precision
         self.names = list(names)
+        self.frozen = frozen_modules(model, self.names)
+
+    @contextlib.contextmanager
+    def reusing(self):
+        """Within one task: memoise the frozen modules' outputs by input identity."""
+        if not self.frozen:
+            yield
+            return
+        cache: dict = {}
+
+        def memo(module: nn.Module):
+            original = module.forward
+
+            def forward(*args, **kwargs):
+                key = (id(module), _key(args), _key(kwargs))
+                if key not in cache:  # keep the inputs alive, so their ids cannot be reused
+                    cache[key] = (original(*args, **kwargs), args, kwargs)
+                return cache[key][0]
+            return forward
+
+        for module in self.frozen:
+            module.forward = memo(module)
+        try:
+            yield
+        finally:
+            for module in self.frozen:
+                del module.forward
+            cache.clear()
 
     def _buffers(self) -> Params:
         """Copies of the model's buffers (BatchNorm running stats of a user's model, if any):

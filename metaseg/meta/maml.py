@@ -126,14 +126,15 @@ class MetaLearner(Algorithm):
         weights = multi_step_weights(step, self.inner_steps, self.msl_anneal_steps) if self.multi_step_loss else None
         fast: Params = self.inner.theta()
         support_losses, weighted = [], []
-        for k in range(self.inner_steps):
-            loss = self.inner.loss_at(fast, *support)
-            support_losses.append(loss)
-            fast = self.inner.step(fast, loss, self.rate(k), create_graph=not first_order,
-                                   retain_graph=self.keeps_support_graph and k == 0)
-            if weights is not None and k < self.inner_steps - 1 and weights[k] > 0:
-                weighted.append(weights[k] * self.inner.loss_at(fast, *query))
-        query_loss = self.inner.loss_at(fast, *query)
+        with self.inner.reusing():
+            for k in range(self.inner_steps):
+                loss = self.inner.loss_at(fast, *support)
+                support_losses.append(loss)
+                fast = self.inner.step(fast, loss, self.rate(k), create_graph=not first_order,
+                                       retain_graph=self.keeps_support_graph and k == 0)
+                if weights is not None and k < self.inner_steps - 1 and weights[k] > 0:
+                    weighted.append(weights[k] * self.inner.loss_at(fast, *query))
+            query_loss = self.inner.loss_at(fast, *query)
         objective = query_loss if weights is None else sum(weighted) + weights[-1] * query_loss
         return objective, query_loss, support_losses
 
@@ -182,7 +183,7 @@ class MetaLearner(Algorithm):
                 self.precision.nonfinite = False
                 fast = self.inner.detached()
                 seen = []
-                with torch.enable_grad():
+                with torch.enable_grad(), self.inner.reusing():
                     for k in range(steps):
                         loss = self.inner.loss_at(fast, images, masks)
                         seen.append(loss.detach())
