@@ -450,3 +450,18 @@ def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient()
     assert len(calls) == 4
     assert_close(reused, plain, rtol=1e-10, atol=1e-13)
     assert not any("forward" in vars(m) for m in model.modules())  # the memo is gone after the task
+
+
+def test_maml_matches_higher_as_an_independent_implementation():
+    """The functional inner loop against higher's patched-module MAML (the project's previous backend)."""
+    higher = pytest.importorskip("higher")
+    model = tiny_net()
+    support, query = task()
+    _, got = grads_of(MetaLearner(model, inner_lr=ALPHA, inner_steps=2), support, query)
+    ref_model = copy.deepcopy(model)
+    with higher.innerloop_ctx(ref_model, torch.optim.SGD(ref_model.parameters(), lr=ALPHA),
+                              copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(loss_fn(fmodel(support[0]), support[1]))
+        loss_fn(fmodel(query[0]), query[1]).backward()
+    assert_close(got, {n: p.grad for n, p in ref_model.named_parameters()})

@@ -98,3 +98,13 @@ def test_bf16_adapt_is_close_to_fp32():
         d32 = torch.cat([(a - p).flatten() for a, p in zip(a32.parameters(), model.parameters())])
         dbf = torch.cat([(a - p).flatten() for a, p in zip(abf.parameters(), model.parameters())])
     assert close(dbf, d32)[1] > 0.9
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["fomaml", "anil", "metasgd", "reptile", "mldg", "erm", "mamlpp"])
+def test_cuda_training_in_every_precision(tiny_cfg, tmp_path, name):
+    from metaseg.engine.trainer import train
+    for mode in ("32", "bf16", "16"):
+        m = train(tiny_cfg(f"meta={name}", "trainer.device=cuda", f"trainer.precision={mode}", "trainer.max_steps=3",
+                           "trainer.eval_every=0"), tmp_path / mode)
+        assert m["step"] == 3 and 0 <= m["objective"] <= 1

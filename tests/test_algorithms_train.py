@@ -85,6 +85,12 @@ def test_second_order_fallback_trains_first_order_with_a_warning(tiny_cfg, tmp_p
     assert math.isfinite(metrics["objective"])
 
 
+def test_anil_stays_second_order_on_such_an_encoder_when_its_layers_are_not_adapted(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="metaseg"):
+        metrics = train(tiny_cfg(*MOBILENET, "meta=anil"), tmp_path)
+    assert math.isfinite(metrics["objective"]) and not any("first order" in r.getMessage() for r in caplog.records)
+
+
 class Wrapped(nn.Module):
     """conv -> act -> conv: the first conv's bias gradient passes only through ``act``'s backward."""
 

@@ -29,6 +29,10 @@ from metaseg.meta.maml import Batch, MetaLearner
 class ERM(MetaLearner):
     name = "erm"
 
+    def __init__(self, model, **kwargs):
+        kwargs["first_order"] = True  # no gradient through any inner loop, by construction
+        super().__init__(model, **kwargs)
+
     def outer_loss(self, support: Batch, query: Batch, *, step: Optional[int] = None) -> torch.Tensor:
         """The plain loss at theta, mean of the support and query batches (no adaptation)."""
         self.model.train()

@@ -23,6 +23,10 @@ from metaseg.meta.maml import Batch, MetaLearner
 class Reptile(MetaLearner):
     name = "reptile"
 
+    def __init__(self, model, **kwargs):
+        kwargs["first_order"] = True  # no gradient through any inner loop, by construction
+        super().__init__(model, **kwargs)
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Plain SGD at epsilon: one step is exactly theta + epsilon * (mean phi - theta)."""
         return torch.optim.SGD(self.parameters(), lr=self.outer.lr)
