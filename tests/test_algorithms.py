@@ -465,3 +465,18 @@ def test_maml_matches_higher_as_an_independent_implementation():
             diffopt.step(loss_fn(fmodel(support[0]), support[1]))
         loss_fn(fmodel(query[0]), query[1]).backward()
     assert_close(got, {n: p.grad for n, p in ref_model.named_parameters()})
+
+
+def test_memo_keeps_the_latest_inputs_only():
+    model = tiny_net()
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=1, inner_params=["-1"])
+    assert model[0] in learner.inner.frozen
+    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3)]
+    with learner.inner.reusing():
+        out = [model[0](xs[i]) for i in (0, 1, 0, 2, 0, 1)]
+        xs[2].add_(1)  # an in-place change is a new input
+        changed = model[0](xs[2])
+    assert out[2] is out[0] and out[4] is out[0]  # hits
+    assert out[5] is not out[1]  # evicted by x2: the cache keeps the two latest inputs
+    assert changed is not out[3]
+    assert model[0](xs[0]) is not out[0]  # outside the context nothing is reused

@@ -25,6 +25,7 @@ scaled before ``autograd.grad`` and the gradients unscaled before the update
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -137,20 +138,30 @@ class InnerLoop:
         self.frozen = frozen_modules(model, self.names)
 
     @contextlib.contextmanager
-    def reusing(self):
-        """Within one task: memoise the frozen modules' outputs by input identity."""
+    def reusing(self, keep: int = 2):
+        """Within one task: memoise the frozen modules' outputs by input identity.
+
+        Each module keeps its ``keep`` latest distinct inputs (the support and the query
+        batch), so a frozen module downstream of an adapted one, whose input is new at
+        every step, holds no more than that.
+        """
         if not self.frozen:
             yield
             return
-        cache: dict = {}
+        caches: list[collections.OrderedDict] = []
 
         def memo(module: nn.Module):
-            original = module.forward
+            original, cache = module.forward, collections.OrderedDict()
+            caches.append(cache)
 
             def forward(*args, **kwargs):
-                key = (id(module), _key(args), _key(kwargs))
-                if key not in cache:  # keep the inputs alive, so their ids cannot be reused
+                key = (_key(args), _key(kwargs))
+                if key in cache:
+                    cache.move_to_end(key)
+                else:  # the inputs are kept with the output, so their ids cannot be reused meanwhile
                     cache[key] = (original(*args, **kwargs), args, kwargs)
+                    if len(cache) > keep:
+                        cache.popitem(last=False)
                 return cache[key][0]
             return forward
 
@@ -161,7 +172,8 @@ class InnerLoop:
         finally:
             for module in self.frozen:
                 del module.forward
-            cache.clear()
+            for cache in caches:
+                cache.clear()
 
     def _buffers(self) -> Params:
         """Copies of the model's buffers (BatchNorm running stats of a user's model, if any):
