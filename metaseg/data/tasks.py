@@ -71,17 +71,18 @@ class TaskSampler:
 
     def sample(self) -> Task:
         i = self.rng.choice(len(self.names), p=self.probs)
-        name = self.names[i]
-        ds = self.datasets[name]
         if self.query_from == "other":
             return self._cross_dataset(i)
+        name = self.names[i]
+        ds = self.datasets[name]
         idx = self.rng.choice(len(ds), self.shots + self.query, replace=False)
         return Task(name, collate(ds, idx[: self.shots]), collate(ds, idx[self.shots :]))
 
     def _cross_dataset(self, i: int) -> Task:
         others = self.probs.copy()
+        if others.sum() - others[i] <= 0:  # every other dataset has weight 0: uniform over them
+            others = np.ones_like(others)
         others[i] = 0.0
-        others = others / others.sum() if others.sum() > 0 else np.where(np.arange(len(others)) == i, 0.0, 1.0)
         j = self.rng.choice(len(self.names), p=others / others.sum())
         ds_i, ds_j = self.datasets[self.names[i]], self.datasets[self.names[j]]
         s_idx = self.rng.choice(len(ds_i), self.shots, replace=False)
