@@ -98,6 +98,20 @@ class MetaConfig:
     shots: int = 4  # support images per task
     query: int = 4  # query images per task
     first_order: bool = False  # true: FOMAML (no gradient through the inner loop)
+    # The algorithm zoo (README "Algorithms"); defaults leave plain MAML unchanged.
+    inner_params: List[str] = field(default_factory=list)  # module patterns adapted in the inner loop (ANIL); []: all
+    learn_inner_lr: bool = False  # Meta-SGD / MAML++: meta-learn the inner step sizes, starting at alpha
+    inner_lr_granularity: str = "tensor"  # learned step sizes: one per parameter tensor | element
+    inner_lr_per_step: bool = False  # MAML++: separate learned step sizes for each inner step
+    multi_step_loss: bool = False  # MAML++: query loss after every inner step, weights annealed to the last
+    msl_anneal_steps: int = 100  # MAML++: outer steps until only the last inner step's query loss counts
+    first_order_until: int = 0  # MAML++: first order for the first N outer steps, then second order
+    outer_lr_schedule: str = "constant"  # constant | cosine (MAML++: cosine annealing of beta)
+    outer_lr_min: float = 0.0  # cosine: beta at the last step
+    clip_grad: Optional[float] = None  # max L2 norm of the outer gradient; null: no clipping
+    query_from: str = "same"  # same | other: query batch from the task's dataset or another of the mix
+    gamma: float = 1.0  # MLDG: weight of the cross-dataset loss L_j(theta')
+    second_order_fallback: bool = False  # encoder without second derivatives: true trains first order, warning
 
 
 @dataclass

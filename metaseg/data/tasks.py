@@ -7,8 +7,8 @@ checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,24 +27,41 @@ class Task:
     dataset: str
     support: tuple[torch.Tensor, torch.Tensor]
     query: tuple[torch.Tensor, torch.Tensor]
+    query_dataset: Optional[str] = None  # the query's dataset when it is not ``dataset`` (query_from=other)
 
     def to(self, device) -> "Task":
         move = lambda b: (b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))  # noqa: E731
-        return Task(self.dataset, move(self.support), move(self.query))
+        return replace(self, support=move(self.support), query=move(self.query))
 
 
 class TaskSampler:
-    """Draws tasks: a dataset by weight, then ``shots + query`` distinct images from it."""
+    """Draws tasks: a dataset by weight, then ``shots + query`` distinct images from it.
 
-    def __init__(self, datasets: dict[str, Dataset], weights: Sequence[float], shots: int, query: int, seed: int):
+    ``query_from="other"`` draws the query batch from another dataset of the mix instead
+    (by the same weights, renormalised without the support's dataset): the cross-dataset
+    D_i -> D_j task of MLDG. Support and query then cannot share an image either.
+    """
+
+    QUERY_FROM = ("same", "other")
+
+    def __init__(self, datasets: dict[str, Dataset], weights: Sequence[float], shots: int, query: int, seed: int,
+                 query_from: str = "same"):
         if shots < 1 or query < 1:
             raise ConfigError(f"meta.shots and meta.query must be >= 1, got {shots} and {query}")
-        small = {n: len(d) for n, d in datasets.items() if len(d) < shots + query}
+        if query_from not in self.QUERY_FROM:
+            raise ConfigError(f"meta.query_from={query_from!r} is not one of {', '.join(self.QUERY_FROM)}")
+        if query_from == "other" and len(datasets) < 2:
+            raise ConfigError(f"meta.query_from=other needs at least two meta-training datasets, data.train has "
+                              f"{list(datasets)}; add one or use meta.query_from=same")
+        need = shots + query if query_from == "same" else max(shots, query)
+        small = {n: len(d) for n, d in datasets.items() if len(d) < need}
         if small:
             raise ConfigError(
-                f"datasets {small} have fewer images than meta.shots + meta.query = {shots + query}; "
+                f"datasets {small} have fewer images than "
+                f"{'meta.shots + meta.query' if query_from == 'same' else 'max(meta.shots, meta.query)'} = {need}; "
                 f"lower meta.shots or meta.query"
             )
+        self.query_from = query_from
         self.names = list(datasets)
         self.datasets = datasets
         w = np.asarray(weights, dtype=np.float64)
@@ -53,10 +70,24 @@ class TaskSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Task:
-        name = self.names[self.rng.choice(len(self.names), p=self.probs)]
+        i = self.rng.choice(len(self.names), p=self.probs)
+        if self.query_from == "other":
+            return self._cross_dataset(i)
+        name = self.names[i]
         ds = self.datasets[name]
         idx = self.rng.choice(len(ds), self.shots + self.query, replace=False)
         return Task(name, collate(ds, idx[: self.shots]), collate(ds, idx[self.shots :]))
+
+    def _cross_dataset(self, i: int) -> Task:
+        others = self.probs.copy()
+        if others.sum() - others[i] <= 0:  # every other dataset has weight 0: uniform over them
+            others = np.ones_like(others)
+        others[i] = 0.0
+        j = self.rng.choice(len(self.names), p=others / others.sum())
+        ds_i, ds_j = self.datasets[self.names[i]], self.datasets[self.names[j]]
+        s_idx = self.rng.choice(len(ds_i), self.shots, replace=False)
+        q_idx = self.rng.choice(len(ds_j), self.query, replace=False)
+        return Task(self.names[i], collate(ds_i, s_idx), collate(ds_j, q_idx), query_dataset=self.names[j])
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

@@ -57,7 +57,7 @@ def _held_out_mix(data_cfg: Any):
 
 
 def _from_checkpoint(cfg: Any):
-    """(model with the checkpoint's weights, model config, meta config, mix, step, head record).
+    """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state).
 
     Held-out data with a label space of its own keep the checkpoint's body and get a new head,
     initialised per episode from the support prototypes (``engine/heads.py``)."""
@@ -82,7 +82,7 @@ def _from_checkpoint(cfg: Any):
                                   f"{str(exc).splitlines()[0]}") from exc
     head = {"kind": "new" if new_head else "checkpoint", "checkpoint_classes": classes,
             "init": "support prototypes (Proto-MAML)" if new_head else None}
-    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head
+    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state")
 
 
 def _random_init(cfg: Any):
@@ -98,7 +98,7 @@ def _random_init(cfg: Any):
     mix = _held_out_mix(cfg.data)
     model = build_model(cfg.model, mix.num_classes)
     meta = cfg.meta if cfg.meta is not None else OmegaConf.structured(MetaConfig)
-    return model, cfg.model, meta, mix, None, {"kind": "random", "checkpoint_classes": None, "init": None}
+    return model, cfg.model, meta, mix, None, {"kind": "random", "checkpoint_classes": None, "init": None}, None
 
 
 def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
@@ -106,9 +106,11 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     validate_eval(cfg.eval)
     seed_everything(cfg.seed)
     baseline = str(cfg.checkpoint).strip().lower() == NO_CHECKPOINT
-    model, model_cfg, meta_cfg, mix, step, head = _random_init(cfg) if baseline else _from_checkpoint(cfg)
+    model, model_cfg, meta_cfg, mix, step, head, meta_state = \
+        _random_init(cfg) if baseline else _from_checkpoint(cfg)
     device = resolve_device(cfg.device)
     learner = make_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type))
+    learner.load_meta_state_dict(meta_state)  # Meta-SGD's learned step sizes, if any
     if head["kind"] == "new":
         learner = NewHeadLearner(learner)
     log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline

@@ -11,7 +11,6 @@ the training's random streams, so the order of the work below is free to change.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,26 +22,23 @@ from torch.utils.tensorboard import SummaryWriter
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.best import BestTracker
-from metaseg.engine.build import make_learner
+from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
-from metaseg.utils.errors import ConfigError, MetasegError
+from metaseg.utils.errors import ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("maml",)
-MAX_NONFINITE_IN_A_ROW = 3
 
 
 def validate(cfg: Any) -> None:
     """Checks the schema cannot express: allowed values and cross-field constraints."""
     m, t, e = cfg.meta, cfg.trainer, cfg.eval
-    if m.algorithm not in ALGORITHMS:
-        raise ConfigError(f"meta.algorithm={m.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    validate_meta(m)
     for key, value, low in (("meta.inner_steps", m.inner_steps, 0), ("meta.meta_batch", m.meta_batch, 1),
                             ("trainer.max_steps", t.max_steps, 1), ("trainer.log_every", t.log_every, 1),
                             ("trainer.ckpt_every", t.ckpt_every, 1), ("trainer.eval_every", t.eval_every, 0),
@@ -96,16 +92,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     meta = cfg.meta
 
     mix = build_mix(cfg.data)
-    sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed)
+    sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     check_heldout_sizes(mix.heldout, cfg.eval)
     model = build_model(cfg.model, mix.num_classes).to(device)
-    learner = make_learner(model, meta, precision)
-    optimizer = torch.optim.Adam(model.parameters(), lr=meta.outer_lr)
+    learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
+    optimizer = learner.make_optimizer()
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     best = BestTracker(cfg.trainer.best_metric, cfg.trainer.best_mode)
     # Everything a checkpoint restores; an algorithm with state of its own adds an entry here.
-    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "sampler": sampler, "best": best}
+    # The learner's own state (Meta-SGD's step sizes) loads before the optimizer that updates it.
+    stateful = {"model": model, "meta_state": learner, "optimizer": optimizer, "scaler": scaler,
+                "sampler": sampler, "best": best}
     monitor = InnerLoopMonitor(sampler, cfg.trainer.monitor_tasks, cfg.seed, device) \
         if cfg.trainer.monitor_tasks else None
     start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)
@@ -123,53 +121,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
         return result
 
-    log.info("meta-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
-             "%s order, precision %s, device %s", cfg.model.arch + "-" + cfg.model.encoder,
+    log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
+             "%s order, precision %s, device %s", learner.name, cfg.model.arch + "-" + cfg.model.encoder,
              list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
-             meta.inner_lr, meta.outer_lr, "first" if meta.first_order else "second", precision.mode, device)
+             meta.inner_lr, meta.outer_lr, "first" if learner.is_first_order(cfg.trainer.max_steps) else "second",
+             precision.mode, device)
     # purge_step: a resumed run drops the events the killed one logged after its checkpoint
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-    nonfinite_run = 0
     t0 = time.perf_counter()
     step = start_step
     try:
         bar = progress(start_step, cfg.trainer.max_steps)
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
-            optimizer.zero_grad(set_to_none=True)
-            if precision.mode == "16":
-                precision.scale = float(scaler.get_scale())
-            precision.nonfinite = False
-            outer, before, stats = 0.0, 0.0, []
-            for _ in range(meta.meta_batch):
-                task = sampler.sample().to(device)
-                if log_now:
-                    with torch.no_grad(), precision.autocast():
-                        before += float(learner.loss(model(task.query[0]), task.query[1])) / meta.meta_batch
-                loss = learner.outer_loss(task.support, task.query) / meta.meta_batch
-                scaler.scale(loss).backward()
-                outer += float(loss.detach())
-                stats.append(learner.last_stats)
-            if precision.mode != "16" and not math.isfinite(outer):
-                nonfinite_run += 1
-                log.warning("step %d: non-finite outer loss, step skipped", step)
-                if nonfinite_run >= MAX_NONFINITE_IN_A_ROW:
-                    raise MetasegError(
-                        f"outer loss non-finite for {MAX_NONFINITE_IN_A_ROW} steps in a row at step {step}: "
-                        f"lower meta.inner_lr (now {meta.inner_lr}) or meta.outer_lr (now {meta.outer_lr})")
-                continue
-            nonfinite_run = 0
-            scaler.step(optimizer)
-            scaler.update()
+            # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
+            stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
 
             if log_now:
-                mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
                 elapsed = time.perf_counter() - t0
-                writer.add_scalar("train/outer_loss", outer, step)
-                writer.add_scalar("train/query_loss_before", before, step)
-                writer.add_scalar("train/query_loss_after", mean("query_loss_after"), step)
-                writer.add_scalar("train/support_loss_before", mean("support_loss_before"), step)
-                writer.add_scalar("train/support_loss_after", mean("support_loss_after"), step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, step)
                 writer.add_scalar("train/tasks_per_second", (step - start_step) * meta.meta_batch / elapsed, step)
                 # after scaler.step the gradients are unscaled (GradScaler unscales in place under fp16)
                 writer.add_scalar("train/outer_grad_norm", outer_grad_norm(model.parameters()), step)
@@ -178,11 +149,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     with rng_isolated():
                         for k, loss_k in enumerate(monitor.query_losses(learner)):
                             writer.add_scalar(f"monitor/query_loss_after_{k}_steps", loss_k, step)
-                if precision.mode == "16":
-                    writer.add_scalar("train/loss_scale", scaler.get_scale(), step)
+                outer, before = stats.get("outer_loss", float("nan")), stats.get("query_loss_before", float("nan"))
                 bar.set_postfix(outer=f"{outer:.3f}", before=f"{before:.3f}")
                 log.info("step %d/%d  outer %.4f  query before %.4f  after %.4f  (%.1fs)", step,
-                         cfg.trainer.max_steps, outer, before, mean("query_loss_after"), elapsed)
+                         cfg.trainer.max_steps, outer, before, stats.get("query_loss_after", float("nan")), elapsed)
             # evaluate before saving, so a checkpoint's best-so-far includes this step's score
             improved = False
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:

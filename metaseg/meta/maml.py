@@ -1,15 +1,25 @@
-"""MAML on higher: the inner loop, the outer loss of one task, and few-shot adaptation.
+"""MAML: the inner loop, the outer loss of one task, few-shot adaptation; and the MAML++ options.
 
 One task is a support batch and a query batch. The inner loop takes ``inner_steps`` (K)
-plain SGD steps at ``inner_lr`` (alpha) on the support loss, starting from the model's own
+SGD steps at ``inner_lr`` (alpha) on the support loss, starting from the model's own
 parameters theta; the outer loss is the query loss at the adapted weights phi_K. Its
 ``backward()`` leaves d L_query(phi_K) / d theta in ``theta.grad``, the MAML meta-gradient,
-which the caller averages over tasks and hands to the outer optimizer (beta).
+which the outer step averages over tasks and hands to the outer optimizer (beta).
 
-Second order (default) differentiates through the K steps. First order skips that: the
-query gradient is taken at phi_K and applied to theta as it is (FOMAML). higher gives the
-initial weights no gradient at all when it does not track higher gradients, so that
-gradient is attached to theta explicitly through a surrogate whose value is the query loss.
+Second order (default) differentiates through the K steps. First order (FOMAML) takes the
+inner gradients without a graph, so the query gradient at phi_K reaches theta unchanged.
+
+Options, all off by default, each one keyword (and one ``meta.*`` key):
+
+* ``inner_params``: module-name patterns adapted in the inner loop; the rest stay theta
+  there and are still meta-learned (ANIL, :mod:`metaseg.meta.anil`);
+* ``step_sizes``: learned inner step sizes, per tensor or per element, optionally per
+  inner step (Meta-SGD, MAML++'s LSLR, :mod:`metaseg.meta.metasgd`);
+* ``multi_step_loss``: the query loss after every inner step with annealed weights;
+  ``first_order_until``: first order for the first N outer steps (MAML++,
+  :mod:`metaseg.meta.mamlpp`). Both follow the outer step number ``step``.
+
+The inner loop is :class:`metaseg.meta.inner.InnerLoop` (``torch.func.functional_call``).
 """
 
 from __future__ import annotations
@@ -17,16 +27,21 @@ from __future__ import annotations
 import copy
 from typing import Callable, Optional, Sequence
 
-import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaseg.meta.base import Algorithm, OuterSettings
+from metaseg.meta.inner import InnerLoop, Params, RateFn, full_precision, select_parameters
+from metaseg.meta.mamlpp import first_order_at, multi_step_weights
 from metaseg.meta.precision import Precision
+from metaseg.meta.safety import NonFiniteGuard
+from metaseg.utils.errors import CheckpointError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 IGNORE_INDEX = 255
+_full_precision = full_precision  # kept for callers of the earlier private name
 
 
 def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -34,18 +49,19 @@ def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
 
 
-def _full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Losses are computed in fp32 at least: autocast logits are upcast, fp64 stays fp64."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-class MetaLearner:
-    """Model-agnostic meta-learning for a segmentation ``model``.
+class MetaLearner(Algorithm):
+    """Model-agnostic meta-learning for a segmentation ``model``; the base of every algorithm.
 
     ``outer_loss(support, query)`` returns one task's query loss after adaptation;
     ``adapt(images, masks)`` returns a copy of the model with adapted weights, for
-    few-shot use on a new dataset. Both run the same inner loop.
+    few-shot use on a new dataset. Both run the same inner loop. ``meta_step`` is a whole
+    outer step (:class:`metaseg.meta.base.Algorithm`). ``MetaLearner.create(name, ...)``
+    builds any algorithm of :data:`metaseg.meta.ALGORITHMS` by name.
     """
+
+    name = "maml"
+    default_inner_params: Optional[Sequence[str]] = None  # None: every trainable parameter
+    keeps_support_graph = False  # MLDG backpropagates the first support loss as well
 
     def __init__(
         self,
@@ -56,6 +72,12 @@ class MetaLearner:
         first_order: bool = False,
         loss: Optional[LossFn] = None,
         precision: Optional[Precision] = None,
+        inner_params: Optional[Sequence[str]] = None,
+        step_sizes: Optional[nn.Module] = None,
+        multi_step_loss: bool = False,
+        msl_anneal_steps: int = 100,
+        first_order_until: int = 0,
+        outer: Optional[OuterSettings] = None,
     ):
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -65,59 +87,115 @@ class MetaLearner:
         self.first_order = bool(first_order)
         self.loss: LossFn = loss or pixel_cross_entropy
         self.precision = precision or Precision("32")
+        patterns = self.default_inner_params if inner_params is None else inner_params
+        self.inner_names = select_parameters(model, patterns)
+        self.inner = InnerLoop(model, self.loss, self.precision, self.inner_names)
+        self.step_sizes = step_sizes
+        self.multi_step_loss = bool(multi_step_loss)
+        self.msl_anneal_steps = int(msl_anneal_steps)
+        self.first_order_until = int(first_order_until)
+        self.outer = outer or OuterSettings()
+        self.guard = NonFiniteGuard(self.outer.max_bad_in_a_row, self.inner_lr)
+        self.step = 1  # outer step for the MAML++ schedules; meta_step sets it
+        self.logging = False
         self.last_stats: dict[str, float] = {}
 
+    @classmethod
+    def create(cls, name: str, model: nn.Module, **kwargs) -> "MetaLearner":
+        """The algorithm called ``name`` (maml, fomaml, anil, metasgd, reptile, mldg, erm) around ``model``."""
+        from metaseg.meta import ALGORITHMS
+
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+        return ALGORITHMS[name](model, **kwargs)
+
     # -- the inner loop ---------------------------------------------------------------
-    def _forward_loss(self, fmodel: nn.Module, images: torch.Tensor, masks: torch.Tensor):
-        with self.precision.autocast():
-            logits = fmodel(images)
-        return self.loss(_full_precision(logits), masks)
+    def rate(self, k: int, lr: Optional[float] = None) -> RateFn:
+        """Step size of inner step ``k`` per parameter: ``lr`` if given, else learned, else alpha."""
+        if lr is None and self.step_sizes is not None:
+            return lambda name: self.step_sizes.rate(k, name)
+        value = self.inner_lr if lr is None else float(lr)
+        return lambda name: value
 
-    def _inner_loop(self, fmodel, diffopt, images, masks, steps: int) -> list[torch.Tensor]:
-        """K differentiable SGD steps on the support batch; returns the support losses."""
-        losses = []
-        for _ in range(steps):
-            loss = self._forward_loss(fmodel, images, masks)
-            diffopt.step(self.precision.scaled(loss), grad_callback=self.precision.unscale)
-            losses.append(loss.detach())
-        return losses
+    def is_first_order(self, step: Optional[int] = None) -> bool:
+        return first_order_at(self.step if step is None else step, self.first_order, self.first_order_until)
 
-    def _inner_ctx(self, model: nn.Module, lr: float, track: bool, copy_initial: bool):
-        inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
-        return higher.innerloop_ctx(
-            model, inner_opt, copy_initial_weights=copy_initial, track_higher_grads=track
-        )
+    def _run(self, support: Batch, query: Batch, step: int):
+        """Inner loop on ``support``; query losses after the steps the multi-step loss weights."""
+        first_order = self.is_first_order(step)
+        weights = multi_step_weights(step, self.inner_steps, self.msl_anneal_steps) if self.multi_step_loss else None
+        fast: Params = self.inner.theta()
+        support_losses, weighted = [], []
+        with self.inner.reusing():
+            for k in range(self.inner_steps):
+                loss = self.inner.loss_at(fast, *support)
+                support_losses.append(loss)
+                fast = self.inner.step(fast, loss, self.rate(k), create_graph=not first_order,
+                                       retain_graph=self.keeps_support_graph and k == 0)
+                if weights is not None and k < self.inner_steps - 1 and weights[k] > 0:
+                    weighted.append(weights[k] * self.inner.loss_at(fast, *query))
+            query_loss = self.inner.loss_at(fast, *query)
+        objective = query_loss if weights is None else sum(weighted) + weights[-1] * query_loss
+        return objective, query_loss, support_losses
+
+    def combine(self, objective: torch.Tensor, support_losses: list[torch.Tensor]) -> torch.Tensor:
+        """The task's outer objective from its query objective (MLDG adds the support loss)."""
+        return objective
 
     # -- public API -------------------------------------------------------------------
-    def outer_loss(self, support: Batch, query: Batch) -> torch.Tensor:
-        """Query loss of one task at the adapted weights; ``backward()`` gives the meta-gradient."""
+    def outer_loss(self, support: Batch, query: Batch, *, step: Optional[int] = None) -> torch.Tensor:
+        """Query loss of one task at the adapted weights; ``backward()`` gives the meta-gradient.
+
+        ``step`` (default: the current outer step, 1 before training) drives the MAML++
+        schedules; without them it changes nothing.
+        """
         self.model.train()
-        params = list(self.model.parameters())
-        with self._inner_ctx(self.model, self.inner_lr, not self.first_order, False) as (fmodel, diffopt):
-            support_losses = self._inner_loop(fmodel, diffopt, *support, self.inner_steps)
-            query_loss = self._forward_loss(fmodel, *query)
-            if self.first_order:
-                query_loss = self._first_order_surrogate(query_loss, fmodel.fast_params, params)
+        objective, query_loss, support_losses = self._run(support, query, self.step if step is None else step)
+        objective = self.combine(objective, support_losses)
         self.last_stats = {
-            "support_loss_before": float(support_losses[0]) if support_losses else float("nan"),
-            "support_loss_after": float(support_losses[-1]) if support_losses else float("nan"),
+            "support_loss_before": float(support_losses[0].detach()) if support_losses else float("nan"),
+            "support_loss_after": float(support_losses[-1].detach()) if support_losses else float("nan"),
             "query_loss_after": float(query_loss.detach()),
         }
-        return query_loss
+        if not support_losses:
+            del self.last_stats["support_loss_before"], self.last_stats["support_loss_after"]
+        return objective
 
-    def _first_order_surrogate(
-        self, query_loss: torch.Tensor, fast: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        """A tensor equal to ``query_loss`` whose gradient w.r.t. theta is dL/dphi_K."""
-        targets = [p for p in fast if p.requires_grad]
-        grads = torch.autograd.grad(self.precision.scaled(query_loss), targets, allow_unused=True)
-        grads = iter(self.precision.unscale(list(grads)))
-        surrogate = query_loss.detach()
-        for theta, phi in zip(params, fast):
-            g = next(grads) if phi.requires_grad else None
-            if g is not None and theta.requires_grad:
-                surrogate = surrogate + ((theta - theta.detach()) * g.detach()).sum()
-        return surrogate
+    def task_objective(self, task) -> torch.Tensor:
+        return self.outer_loss(task.support, task.query)
+
+    @torch.no_grad()
+    def query_loss_before(self, task) -> float:
+        return float(self.inner.loss_at(self.inner.theta(), *task.query))
+
+    def adapted_params(self, images: torch.Tensor, masks: torch.Tensor, *, steps: Optional[int] = None,
+                       lr: Optional[float] = None, losses: Optional[list] = None) -> Params:
+        """Fast weights after the inner loop on ``(images, masks)``, with no graph to theta.
+
+        Under fp16, a non-finite inner gradient restarts adaptation at half the scale.
+        ``losses``, if given, receives the inner losses (floats) of the final attempt.
+        """
+        steps = self.inner_steps if steps is None else int(steps)
+        was_training = self.model.training
+        self.model.train()
+        try:
+            for _ in range(32):
+                self.precision.nonfinite = False
+                fast = self.inner.detached()
+                seen = []
+                with torch.enable_grad(), self.inner.reusing():
+                    for k in range(steps):
+                        loss = self.inner.loss_at(fast, images, masks)
+                        seen.append(loss.detach())
+                        fast = self.inner.step(fast, loss, self.rate(k, lr), create_graph=False, detach=True)
+                if not (self.precision.nonfinite and self.precision.mode == "16"):
+                    break
+                self.precision.scale /= 2
+        finally:
+            self.model.train(was_training)
+        if losses is not None:
+            losses.extend(float(v) for v in seen)
+        return fast
 
     def adapt(
         self,
@@ -129,22 +207,33 @@ class MetaLearner:
     ) -> nn.Module:
         """A copy of the model after the inner loop on ``(images, masks)``; the model is untouched.
 
-        ``steps`` and ``lr`` default to the meta-training K and alpha. Under fp16, a
-        non-finite gradient restarts adaptation at half the scale.
+        ``steps`` and ``lr`` default to the meta-training K and alpha (learned step sizes,
+        if the algorithm has them; an explicit ``lr`` replaces them). Only the inner
+        parameters change (ANIL adapts its head only, at training and test time alike).
         """
-        steps = self.inner_steps if steps is None else int(steps)
-        lr = self.inner_lr if lr is None else float(lr)
+        fast = self.adapted_params(images, masks, steps=steps, lr=lr)
         adapted = copy.deepcopy(self.model).train()
-        for _ in range(32):
-            self.precision.nonfinite = False
-            with self._inner_ctx(adapted, lr, False, True) as (fmodel, diffopt):
-                with torch.enable_grad():
-                    self._inner_loop(fmodel, diffopt, images, masks, steps)
-                fast = fmodel.fast_params
-            if not (self.precision.nonfinite and self.precision.mode == "16"):
-                break
-            self.precision.scale /= 2
         with torch.no_grad():
-            for p, f in zip(adapted.parameters(), fast):
-                p.copy_(f)
+            for name, p in adapted.named_parameters():
+                if name in self.inner.names:
+                    p.copy_(fast[name])
         return adapted
+
+    # -- learned step sizes in the outer optimizer and the checkpoint ---------------------
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.step_sizes.parameters()) if self.step_sizes is not None else []
+
+    def meta_state_dict(self) -> dict:
+        return {"step_sizes": self.step_sizes.export()} if self.step_sizes is not None else {}
+
+    def load_meta_state_dict(self, state: Optional[dict]) -> None:
+        state = state or {}
+        if self.step_sizes is None:
+            if state.get("step_sizes"):
+                raise CheckpointError("the checkpoint has learned inner step sizes (meta_state.step_sizes) but "
+                                      f"algorithm {self.name!r} without meta.learn_inner_lr does not use them")
+            return
+        if not state.get("step_sizes"):
+            raise CheckpointError(f"algorithm {self.name!r} learns its inner step sizes, but the checkpoint has "
+                                  "no meta_state.step_sizes to restore them from")
+        self.step_sizes.load(state["step_sizes"])

@@ -2,7 +2,7 @@
 
 ``torch.autocast`` covers the forward passes. bf16 has fp32's range and needs nothing else.
 fp16 needs loss scaling, and a ``GradScaler`` only scales the *outer* backward: the inner
-gradients that higher takes with ``torch.autograd.grad`` would underflow unscaled. So the
+gradients the inner loop takes with ``torch.autograd.grad`` would underflow unscaled. So the
 inner loss is multiplied by the current scale and its gradients divided by it before the
 SGD step, PyTorch's AMP "gradient penalty" recipe. A non-finite inner gradient is recorded;
 it makes the query loss and therefore the outer gradients non-finite too, so the outer
@@ -57,6 +57,7 @@ class Precision:
             return grads
         inv = 1.0 / self.scale
         grads = [None if g is None else g * inv for g in grads]
-        if not all(torch.isfinite(g).all() for g in grads if g is not None):
+        present = [torch.isfinite(g).all() for g in grads if g is not None]
+        if present and not bool(torch.stack(present).all()):  # one device sync per step
             self.nonfinite = True
         return grads

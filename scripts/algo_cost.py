@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Time and memory of one outer step for every algorithm, side by side in one process.
+
+Each algorithm (a YAML of ``conf/meta/``) gets the same model (the default U-Net, same
+seed), the same data mix and task stream, and the same K, meta-batch, shots and query
+(overridden here so the numbers compare; MLDG runs at this K, not its YAML's K = 1; MAML++
+in its second-order phase, with the multi-step loss and learned per-step rates on).
+Steps are interleaved round-robin across algorithms, so machine load drifts hit them all
+alike; the table shows the median seconds per outer step and its spread. Memory is the peak
+of CPU (or CUDA) memory allocated during one outer step above what was allocated before
+it, from the PyTorch profiler's allocation events (CPU) or ``max_memory_allocated`` (CUDA).
+Forward passes and images are counted by a hook on the model.
+
+    python scripts/algo_cost.py                       # defaults: 64 px, K=3, 2 tasks of 4+4, 5 timed steps
+    python scripts/algo_cost.py --size 128 --steps 10 --algorithms maml anil --json cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from torch.profiler import ProfilerActivity, profile
+
+import metaseg.config  # noqa: F401 - registers the schemas
+from metaseg.data.mix import build_mix
+from metaseg.data.tasks import TaskSampler
+from metaseg.engine.build import make_learner
+from metaseg.meta.precision import Precision
+from metaseg.models.factory import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "mldg", "erm"]
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--algorithms", nargs="+", default=ALL, help="names of conf/meta/*.yaml (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, default=3, help="K for every algorithm (default: %(default)s)")
+    p.add_argument("--meta-batch", type=int, default=2, help="tasks per outer step (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--query", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5, help="timed outer steps per algorithm (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
+    p.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides, e.g. model.encoder=resnet34")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+class Counter:
+    """Forward passes and images through the model (functional_call runs its forward hooks)."""
+
+    def __init__(self, model):
+        self.passes = self.images = 0
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.passes += 1
+        self.images += int(args[0].shape[0])
+
+
+def build(name: str, a: argparse.Namespace, device: torch.device):
+    overrides = [f"meta={name}", f"data.size={a.size}", f"meta.inner_steps={a.inner_steps}",
+                 f"meta.meta_batch={a.meta_batch}", f"meta.shots={a.shots}", f"meta.query={a.query}", *a.overrides]
+    if name == "mamlpp":  # time its second-order phase (the multi-step loss is still on then)
+        overrides.append("meta.first_order_until=0")
+    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    torch.manual_seed(cfg.seed)
+    mix = build_mix(cfg.data)
+    sampler = TaskSampler(mix.train, mix.weights, cfg.meta.shots, cfg.meta.query, seed=cfg.seed,
+                          query_from=cfg.meta.query_from)
+    model = build_model(cfg.model, mix.num_classes).to(device)
+    precision = Precision(a.precision, device.type)
+    learner = make_learner(model, cfg.meta, precision, max_steps=10**6)
+    opt, scaler = learner.make_optimizer(), precision.grad_scaler()
+    return {"learner": learner, "sampler": sampler, "opt": opt, "scaler": scaler, "counter": Counter(model),
+            "step": 0, "times": [], "cfg": cfg}
+
+
+def step(r: dict, device: torch.device) -> float:
+    r["step"] += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    r["learner"].meta_step(r["sampler"], r["opt"], r["scaler"], r["step"], device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def peak_bytes(r: dict, device: torch.device) -> int:
+    """Peak memory allocated during one outer step, above the level before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(r, device)
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(r, device)
+    level = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        level += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    runs = {name: build(name, a, device) for name in a.algorithms}
+    for name, r in runs.items():  # warm-up step, then forward counts of one step
+        step(r, device)
+        c = r["counter"]
+        c.passes = c.images = 0
+        step(r, device)
+        r["passes"], r["images"] = c.passes, c.images
+    for _ in range(a.steps):  # round-robin, so load drift hits every algorithm alike
+        for r in runs.values():
+            r["times"].append(step(r, device))
+    for r in runs.values():
+        r["peak"] = peak_bytes(r, device)
+
+    base = statistics.median(runs["maml"]["times"]) if "maml" in runs else None
+    rows = []
+    for name, r in runs.items():
+        med = statistics.median(r["times"])
+        rows.append({"algorithm": name, "seconds_per_step": med, "min": min(r["times"]), "max": max(r["times"]),
+                     "vs_maml": med / base if base else None, "peak_mb": r["peak"] / 2**20,
+                     "forward_passes": r["passes"], "images_forwarded": r["images"]})
+    print(f"# {a.size}px, K={a.inner_steps}, meta_batch={a.meta_batch}, shots={a.shots}, query={a.query}, "
+          f"precision {a.precision}, {device}, {a.threads} thread(s), median of {a.steps} steps; "
+          f"torch {torch.__version__}; overrides {a.overrides}")
+    print("| algorithm | s / outer step (min-max) | vs maml | peak MiB / step | forward passes | images |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        vs = f"{row['vs_maml']:.2f}" if row["vs_maml"] else "-"
+        print(f"| {row['algorithm']} | {row['seconds_per_step']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | {vs} | "
+              f"{row['peak_mb']:.0f} | {row['forward_passes']} | {row['images_forwarded']} |")
+    if a.json:
+        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
