@@ -91,6 +91,7 @@ class MetaConfig:
     """The meta-learning algorithm and its hyper-parameters."""
 
     algorithm: str = "maml"
+    backend: str = "higher"  # inner loop on higher (default) | func (torch.func.functional_call)
     inner_lr: float = 0.1  # alpha: inner-loop SGD step size
     outer_lr: float = 1e-3  # beta: outer-loop Adam step size
     inner_steps: int = 3  # K: inner SGD steps per task

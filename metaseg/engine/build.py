@@ -75,6 +75,7 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
     validate_meta(m)
     kwargs: dict[str, Any] = dict(
         inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order, precision=precision,
+        backend=m.backend,
         inner_params=list(m.inner_params) or None, multi_step_loss=m.multi_step_loss,
         msl_anneal_steps=m.msl_anneal_steps, first_order_until=m.first_order_until,
         outer=OuterSettings(lr=m.outer_lr, meta_batch=m.meta_batch, schedule=m.outer_lr_schedule,

@@ -1,4 +1,11 @@
-"""The inner loop every algorithm shares: functional SGD on a chosen subset of the parameters.
+"""The inner loop every algorithm shares: SGD on a chosen subset of the parameters.
+
+Two backends run the model with fast weights: ``higher`` (default; :class:`HigherInnerLoop`,
+higher's ``monkeypatch``ed functional module called with ``params=``) and ``func``
+(:class:`InnerLoop`, ``torch.func.functional_call``). Both feed the same SGD step below, so
+they give the same numbers (``tests/test_backends.py``); ``func`` additionally reuses the
+outputs of modules with no adapted parameter (ANIL), which higher's patched copy of the
+model cannot.
 
 Fast weights are a dict ``name -> tensor`` run through the model with
 ``torch.func.functional_call``, so one step is plain autograd:
@@ -16,9 +23,9 @@ special cases:
 * parameters the forward pass never reaches (efficientnet-b0 cut short) have no gradient
   (``allow_unused``) and simply stay at theta.
 
-It replaces ``higher``'s patched modules: higher differentiates every parameter in every
-inner step (no ANIL savings), and learnable per-element or per-step rates need its
-``override`` mechanism. fp16 uses PyTorch's AMP "gradient penalty" recipe: the loss is
+The step is written here rather than with higher's ``DifferentiableOptimizer``, which
+differentiates every parameter in every inner step (no ANIL savings) and needs its
+``override`` mechanism for learnable per-element or per-step rates. fp16 uses PyTorch's AMP "gradient penalty" recipe: the loss is
 scaled before ``autograd.grad`` and the gradients unscaled before the update
 (:class:`metaseg.meta.precision.Precision`).
 """
@@ -30,6 +37,8 @@ import contextlib
 import fnmatch
 from typing import Callable, Iterable, Optional, Sequence, Union
 
+import higher
+import higher.patch
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -132,9 +141,16 @@ class InnerLoop:
     such module.
     """
 
+    backend = "func"
+
     def __init__(self, model: nn.Module, loss: LossFn, precision: Precision, names: Sequence[str]):
-        self.model, self.loss, self.precision = model, loss, precision
+        self.loss, self.precision = loss, precision
         self.names = list(names)
+        self.set_model(model)
+
+    def set_model(self, model: nn.Module) -> None:
+        """Run on ``model`` from now on (a learner whose model is replaced, e.g. with a new head)."""
+        self.model = model
         self.frozen = frozen_modules(model, self.names)
 
     @contextlib.contextmanager
@@ -218,3 +234,44 @@ class InnerLoop:
         for name, p in self.model.named_parameters():
             out[name] = p.detach().clone().requires_grad_() if name in self.names else p.detach()
         return out
+
+
+class HigherInnerLoop(InnerLoop):
+    """The inner loop on ``higher``: the model is run through higher's functional copy of it
+    (``higher.monkeypatch``), called with the fast weights as ``params=``.
+
+    The copy is made once per model; its buffers (BatchNorm running statistics of a user's
+    model, if any) are refreshed from the model at the start of every inner loop, so a task's
+    forward passes never reach the stored model's buffers. ``track_higher_grads=False``
+    keeps higher from recording every fast-weight list it is given: the graph through the
+    steps is the one the step builds, exactly as in the ``func`` backend.
+    """
+
+    backend = "higher"
+
+    def set_model(self, model: nn.Module) -> None:
+        super().set_model(model)
+        self.frozen = []  # higher's copy calls its own modules: nothing to memoise
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self.fmodel = higher.monkeypatch(model, copy_initial_weights=False, track_higher_grads=False)
+
+    def _buffers(self) -> Params:
+        higher.patch.buffer_sync(self.model, self.fmodel)
+        return {}
+
+    def loss_at(self, params: Params, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():
+            logits = self.fmodel(images, params=[params[n] for n in self.param_names])
+        return self.loss(full_precision(logits), masks)
+
+
+BACKENDS = {"higher": HigherInnerLoop, "func": InnerLoop}
+
+
+def make_inner_loop(backend: str, model: nn.Module, loss: LossFn, precision: Precision,
+                    names: Sequence[str]) -> InnerLoop:
+    try:
+        cls = BACKENDS[backend]
+    except KeyError:
+        raise ConfigError(f"meta.backend={backend!r} is not one of {', '.join(BACKENDS)}") from None
+    return cls(model, loss, precision, names)

@@ -19,7 +19,8 @@ Options, all off by default, each one keyword (and one ``meta.*`` key):
   ``first_order_until``: first order for the first N outer steps (MAML++,
   :mod:`metaseg.meta.mamlpp`). Both follow the outer step number ``step``.
 
-The inner loop is :class:`metaseg.meta.inner.InnerLoop` (``torch.func.functional_call``).
+The inner loop is :mod:`metaseg.meta.inner`: higher's functional module by default
+(``backend="higher"``), or ``torch.func.functional_call`` (``backend="func"``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaseg.meta.base import Algorithm, OuterSettings
-from metaseg.meta.inner import InnerLoop, Params, RateFn, full_precision, select_parameters
+from metaseg.meta.inner import Params, RateFn, full_precision, make_inner_loop, select_parameters
 from metaseg.meta.mamlpp import first_order_at, multi_step_weights
 from metaseg.meta.precision import Precision
 from metaseg.meta.safety import NonFiniteGuard
@@ -78,10 +79,11 @@ class MetaLearner(Algorithm):
         msl_anneal_steps: int = 100,
         first_order_until: int = 0,
         outer: Optional[OuterSettings] = None,
+        backend: str = "higher",
     ):
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-        self.model = model
+        self._model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
@@ -89,7 +91,7 @@ class MetaLearner(Algorithm):
         self.precision = precision or Precision("32")
         patterns = self.default_inner_params if inner_params is None else inner_params
         self.inner_names = select_parameters(model, patterns)
-        self.inner = InnerLoop(model, self.loss, self.precision, self.inner_names)
+        self.inner = make_inner_loop(backend, model, self.loss, self.precision, self.inner_names)
         self.step_sizes = step_sizes
         self.multi_step_loss = bool(multi_step_loss)
         self.msl_anneal_steps = int(msl_anneal_steps)
@@ -99,6 +101,16 @@ class MetaLearner(Algorithm):
         self.step = 1  # outer step for the MAML++ schedules; meta_step sets it
         self.logging = False
         self.last_stats: dict[str, float] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        """Replacing the model (a new head, a copy) also moves the inner loop onto it."""
+        self._model = model
+        self.inner.set_model(model)
 
     @classmethod
     def create(cls, name: str, model: nn.Module, **kwargs) -> "MetaLearner":
