@@ -127,7 +127,8 @@ def test_retina_lodo_checkpoint_on_another_site_as_a_folder(lodo_run, tmp_path):
 def test_synthetic_checkpoint_evaluates_a_binary_folder(tmp_path):
     run = tmp_path / "S"
     train(compose_cfg("train", ["experiment=smoke", "trainer.max_steps=1", "trainer.eval_every=0",
-                                "trainer.device=cpu", "eval.episodes=0", "model.extra.decoder_channels=[16,8,8]"]),
+                                "trainer.device=cpu", "eval.episodes=0", "trainer.best_metric=mean.zero_shot_miou",
+                                "model.extra.decoder_channels=[16,8,8]"]),
           run)
     out = run_cli("metaseg-eval", f"checkpoint={run / 'checkpoints' / 'last.pt'}", "data=folder",
                   f"data.root={SHARED_DATA / 'retina_stare'}", "data.max_images=6", "device=cpu", "eval.shots=2",

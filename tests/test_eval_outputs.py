@@ -195,4 +195,4 @@ def test_tensorboard_gets_every_k_both_reductions_and_the_pictures(tmp_path):
             "heldout/synth_4/adapted_image_mf1"} <= set(acc.Tags()["scalars"])
     assert acc.Scalars("heldout/synth_4/2shot_miou")[0].value == pytest.approx(
         result["datasets"]["synth_4"]["adapted"]["2"]["miou"]["mean"])
-    assert acc.Tags()["images"] == ["heldout/synth_4"]
+    assert acc.Tags()["images"] == ["predictions/synth_4"]
