@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 ADAPTED_CHECKPOINT = "adapted.pt"
 ADAPTED_SMP = "adapted_smp"
 # Keys of a training checkpoint that only resuming needs; everything else travels to adapted.pt.
-TRAINING_ONLY = ("optimizer", "scaler", "sampler", "best", "rng", "format", "version")
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "sampler", "best", "rng", "format", "version")
 
 
 def batch_statistics(model: nn.Module) -> nn.Module:

@@ -69,6 +69,10 @@ SHOW_SKIPPED = 20  # skipped files named in the log; predict.json lists all
 
 def validate_predict(cfg: Any) -> None:
     """Checks of a ``PredictConfig`` the schema cannot express; one line naming the key."""
+    for key, what in (("checkpoint", "a metaseg checkpoint (.pt) or none"), ("images", "the folder of images to "
+                      "segment"), ("out", "the folder to write masks/ and overlays/ to")):
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key} is not set: give {key}=... ({what})")
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     if cfg.masks not in MASK_FORMATS:

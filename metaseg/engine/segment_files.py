@@ -80,8 +80,8 @@ class MaskWriter:
 
     def image(self, labels: np.ndarray) -> Image.Image:
         if self.values is None:
-            im = Image.fromarray(labels.astype(np.uint8), mode="P")
-            im.putpalette(self.palette)
+            im = Image.fromarray(labels.astype(np.uint8))
+            im.putpalette(self.palette)  # an L image with a palette becomes a P image; values stay class ids
             return im
         raw = self.values[labels]
         return Image.fromarray(raw.astype(np.uint8 if raw.max(initial=0) <= 255 else np.uint16))
