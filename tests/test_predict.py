@@ -164,6 +164,15 @@ def test_slide_equals_resize_at_the_training_size_and_keeps_larger_images_whole(
     assert read_mask(tmp_path / "L" / "masks" / "big.png").shape == (45, 70)
 
 
+def test_images_are_segmented_at_the_size_the_support_was_read_at(tmp_path, checkpoint):
+    support = folder_dataset(tmp_path / "support", n=2, h=24, w=24)
+    images = image_folder(tmp_path / "images", bad=False)
+    common = [f"checkpoint={checkpoint}", f"support={support}", f"images={images}", "adapt.steps=0"]
+    assert predict(*common, f"out={tmp_path / 'a'}")["size"] == 32  # data=folder: the checkpoint's size
+    result = predict(*common, f"out={tmp_path / 'b'}", "data.size=24", "mode=slide")
+    assert result["size"] == 24 and result["window"] == [24, 24] and result["support"]["steps"] == 0
+
+
 def test_random_init_on_a_three_class_support_writes_the_supports_own_values(tmp_path):
     raw = np.zeros((24, 24), np.uint8)
     raw[:, 8:16], raw[:, 16:] = 128, 255

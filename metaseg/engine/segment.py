@@ -138,7 +138,7 @@ class Source:
 
 
 def _support_set(mix) -> tuple[Any, Optional[Any]]:
-    """Every held-out dataset of the support mix as one dataset, and the first one's label map."""
+    """Every held-out dataset of the support mix as one dataset, and its label map when there is one dataset."""
     parts = list(mix.heldout.values())
     labels = getattr(getattr(parts[0], "source", None), "labels", None) if len(parts) == 1 else None
     return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), labels
@@ -169,8 +169,9 @@ def load_source(cfg: Any) -> Source:
     else:
         classes = list(ckpt.get("classes") or trained.classes)
     model, head = checkpoint_model(ckpt, train_cfg, classes, str(cfg.checkpoint))
-    return Source(model, train_cfg.model, train_cfg.meta, classes, int(trained.size), list(trained.mean),
-                  list(trained.std), head, ckpt.get("step"), ckpt, train_cfg, data, support, labels)
+    size = int(data.size if data is not None else trained.size)  # images are segmented at the size adapted at
+    return Source(model, train_cfg.model, train_cfg.meta, classes, size, list(trained.mean), list(trained.std),
+                  head, ckpt.get("step"), ckpt, train_cfg, data, support, labels)
 
 
 def _adapt(source: Source, cfg: Any, device: torch.device, precision: Precision) -> tuple[nn.Module, dict]:
