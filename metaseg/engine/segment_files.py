@@ -99,12 +99,13 @@ def overlay_colours(num_classes: int) -> list[tuple[int, int, int]]:
 
 def overlay(image: Image.Image, labels: np.ndarray, classes: Sequence[str], alpha: float) -> Image.Image:
     """The image with classes 1..K-1 painted over it, and a legend (colour, name, pixel share) below."""
-    rgb = np.asarray(image, dtype=np.float32)
+    rgb = np.array(image, dtype=np.uint8)  # only the painted pixels go through float: large photos stay cheap
     k = len(classes)
     colours = overlay_colours(k)
     lut = np.asarray(colours, dtype=np.float32)
     painted = labels > 0
-    rgb[painted] = (1 - alpha) * rgb[painted] + alpha * lut[labels[painted]]
+    blend = (1 - alpha) * rgb[painted].astype(np.float32) + alpha * lut[labels[painted]]
+    rgb[painted] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
     h, w = labels.shape
     counts = np.bincount(labels.ravel(), minlength=k)[:k] / max(labels.size, 1)
     entries = [(colours[c], f"{classes[c]}  {100 * counts[c]:.1f}%") for c in range(1, k)]
@@ -116,7 +117,7 @@ def overlay(image: Image.Image, labels: np.ndarray, classes: Sequence[str], alph
     lines = legend_lines(entries, width, font, box=box, margin=margin)
     strip = len(lines) * (box * 22 // 16) + 2 * margin
     canvas = Image.new("RGB", (width, h + strip), (255, 255, 255))
-    canvas.paste(Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8)), (0, 0))
+    canvas.paste(Image.fromarray(rgb), (0, 0))
     draw_legend(ImageDraw.Draw(canvas), lines, h + margin, font, box=box)
     return canvas
 
