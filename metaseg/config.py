@@ -185,12 +185,47 @@ class DataCmdConfig:
     task_images: Optional[int] = None  # also check every dataset holds this many images (shots + query)
 
 
+@dataclass
+class AdaptConfig:
+    """``metaseg-predict``: how the model adapts to the labelled support images."""
+
+    steps: Optional[int] = None  # inner SGD steps on the support; null: the checkpoint's meta.inner_steps (K)
+    lr: Optional[float] = None  # step size; null: the checkpoint's (alpha, or its learned step sizes); a number replaces them
+
+
+@dataclass
+class PredictConfig:
+    """``metaseg-predict``: adapt to a labelled support folder, then segment every image of a folder."""
+
+    checkpoint: str = MISSING  # a metaseg checkpoint (.pt), or none: the `model` group at random init (needs support)
+    images: str = MISSING  # folder of images to segment (any size; not searched recursively)
+    out: str = MISSING  # output folder: masks/, overlays/, predict.json, predict.log (and adapted model)
+    support: Optional[str] = None  # labelled folder (images/ + masks/, as data=folder); null: zero-shot
+    data: Optional[DataConfig] = None  # how the support is read (data=folder: value mapping, classes); support sets data.root
+    model: Optional[ModelConfig] = None  # checkpoint=none only: the model to initialise at random
+    meta: Optional[MetaConfig] = None  # checkpoint=none only: adaptation defaults (inner_steps, inner_lr)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    mode: str = "resize"  # resize: whole image at the training size, logits upsampled | slide: window over full resolution
+    window: Optional[int] = None  # slide: square window side; null: the training size
+    stride: Optional[int] = None  # slide: window step; null: half the window
+    batch_size: int = 8  # images (slide: windows) per forward pass (BatchNorm normalises per batch)
+    masks: str = "index"  # index: class ids (palette PNG) | support: the support masks' own values (binary: 0/255)
+    overlays: bool = True  # also write overlays/<stem>.png: the image, coloured classes and a legend
+    overlay_alpha: float = 0.5  # opacity of the class colours in the overlays
+    save_adapted: bool = False  # write adapted.pt (metaseg) and adapted_smp/ (smp save_pretrained) to out
+    workers: Optional[int] = None  # threads reading and writing images; null: min(8, CPU count)
+    device: str = "auto"
+    precision: str = "32"
+    seed: int = 0
+
+
 def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
     cs.store(name="data_cmd_schema", node=DataCmdConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="meta", name="schema", node=MetaConfig)

@@ -40,7 +40,7 @@ class Probe:
     problem: Optional[tuple[str, str]] = None  # (kind, detail)
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -51,12 +51,12 @@ def probe(pair: Pair, labels: LabelMap) -> Probe:
         with Image.open(pair.image) as im:
             isize = im.size
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
-        return Probe((0, 0), ("unreadable", f"{pair.image.name} ({_reason(exc)})"))
+        return Probe((0, 0), ("unreadable", f"{pair.image.name} ({error_reason(exc)})"))
     try:
         with Image.open(pair.mask) as m:
             msize, mode = m.size, m.mode
     except Exception as exc:  # noqa: BLE001
-        return Probe(isize, ("unreadable", f"{pair.mask.name} ({_reason(exc)})"))
+        return Probe(isize, ("unreadable", f"{pair.mask.name} ({error_reason(exc)})"))
     if msize != isize:
         return Probe(isize, ("size", f"{pair.stem} (image {isize[0]}x{isize[1]}, mask {msize[0]}x{msize[1]})"))
     if mode not in INDEX_MODES and labels.threshold is None:
@@ -87,6 +87,14 @@ def read_image(path: Path, shrink_to: Optional[tuple[int, int]] = None) -> Image
     return im
 
 
+def fit_image(image: Image.Image, out_hw: tuple[int, int]) -> Image.Image:
+    """``image`` resized to ``out_hw`` = (H, W) as every dataset image is (bilinear, antialiased)."""
+    h, w = out_hw
+    if image.size == (w, h):
+        return image
+    return image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def decode_pair(pair: Pair, labels: LabelMap, out_hw: Optional[tuple[int, int]]):
     """``(image uint8 (H, W, 3), mix-id mask uint8 (H, W))`` at ``out_hw`` (None: original size).
 
@@ -95,7 +103,7 @@ def decode_pair(pair: Pair, labels: LabelMap, out_hw: Optional[tuple[int, int]])
     try:
         raw = read_mask(pair.mask, labels)
     except Exception as exc:  # noqa: BLE001
-        return None, ("unreadable", f"{pair.mask.name} ({_reason(exc)})")
+        return None, ("unreadable", f"{pair.mask.name} ({error_reason(exc)})")
     bad = labels.undeclared(raw)
     if bad:
         shown = ", ".join(map(str, bad[:6])) + (" ..." if len(bad) > 6 else "")
@@ -104,11 +112,10 @@ def decode_pair(pair: Pair, labels: LabelMap, out_hw: Optional[tuple[int, int]])
     try:
         image = read_image(pair.image, None if out_hw is None else (out_hw[1], out_hw[0]))
     except Exception as exc:  # noqa: BLE001
-        return None, ("unreadable", f"{pair.image.name} ({_reason(exc)})")
+        return None, ("unreadable", f"{pair.image.name} ({error_reason(exc)})")
     if out_hw is not None:
         h, w = out_hw
-        if image.size != (w, h):
-            image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = fit_image(image, out_hw)
         if mask.size != (w, h):
             mask = mask.resize((w, h), Image.Resampling.NEAREST)
     return (np.array(image), np.array(mask)), None

@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf, open_dict
+from torch import nn
 
 from metaseg.config import MetaConfig, TrainConfig
 from metaseg.data.mix import build_mix
@@ -31,6 +32,11 @@ from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 NO_CHECKPOINT = "none"
+
+
+def is_baseline(checkpoint: Any) -> bool:
+    """``checkpoint=none``: a random-init model instead of a checkpoint."""
+    return str(checkpoint).strip().lower() == NO_CHECKPOINT
 
 
 def heldout_data(data_cfg: Any, trained: Any) -> Any:
@@ -50,69 +56,99 @@ def heldout_data(data_cfg: Any, trained: Any) -> Any:
     return data_cfg
 
 
-def _held_out_mix(data_cfg: Any):
+def heldout_mix(data_cfg: Any):
+    """The held-out datasets ``data_cfg`` names, built and checked."""
     if not data_cfg.heldout:
         raise ConfigError("no held-out dataset to evaluate: set data.heldout=[NAME,...]")
     return build_mix(data_cfg, need_train=False)
 
 
-def _from_checkpoint(cfg: Any):
-    """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state).
-
-    Held-out data with a label space of its own keep the checkpoint's body and get a new head,
-    initialised per episode from the support prototypes (``engine/heads.py``)."""
-    ckpt = load_checkpoint(cfg.checkpoint)
+def read_checkpoint(path: Any) -> tuple[dict, Any]:
+    """The checkpoint at ``path`` and its config merged into the training schema."""
+    ckpt = load_checkpoint(path)
     try:
         train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     except Exception as exc:  # noqa: BLE001 - schema mismatch of an older/newer checkpoint
-        raise CheckpointError(f"checkpoint={cfg.checkpoint!r}: its config does not fit this metaseg: {exc}") from exc
-    mix = _held_out_mix(heldout_data(cfg.data, train_cfg.data))
-    classes = list(ckpt.get("classes") or train_cfg.data.classes)
-    new_head = list(mix.classes) != classes
-    model = build_model(train_cfg.model, mix.num_classes if new_head else len(classes))
+        raise CheckpointError(f"checkpoint={path!r}: its config does not fit this metaseg: {exc}") from exc
+    return ckpt, train_cfg
+
+
+def checkpoint_model(ckpt: dict, train_cfg: Any, classes: Sequence[str], path: str) -> tuple[nn.Module, dict]:
+    """The checkpoint's model for the label space ``classes``, and the head record of ``eval.json``.
+
+    Classes other than the checkpoint's keep its body and get a new head, initialised per
+    episode from the support prototypes (``engine/heads.py``)."""
+    trained = list(ckpt.get("classes") or train_cfg.data.classes)
+    new_head = list(classes) != trained
+    model = build_model(train_cfg.model, len(classes) if new_head else len(trained))
     if new_head:
-        load_body(model, ckpt["model"], str(cfg.checkpoint))
+        load_body(model, ckpt["model"], path)
         log.info("held-out classes %s differ from the checkpoint's %s: new head, initialised from each "
-                 "episode's support prototypes, then adapted", mix.classes, classes)
+                 "episode's support prototypes, then adapted", list(classes), trained)
     else:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint={cfg.checkpoint!r}: weights do not fit its model config: "
+            raise CheckpointError(f"checkpoint={path!r}: weights do not fit its model config: "
                                   f"{str(exc).splitlines()[0]}") from exc
-    head = {"kind": "new" if new_head else "checkpoint", "checkpoint_classes": classes,
+    head = {"kind": "new" if new_head else "checkpoint", "checkpoint_classes": trained,
             "init": "support prototypes (Proto-MAML)" if new_head else None}
+    return model, head
+
+
+def _from_checkpoint(cfg: Any):
+    """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state)."""
+    ckpt, train_cfg = read_checkpoint(cfg.checkpoint)
+    mix = heldout_mix(heldout_data(cfg.data, train_cfg.data))
+    model, head = checkpoint_model(ckpt, train_cfg, mix.classes, str(cfg.checkpoint))
     return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state")
+
+
+def check_baseline(data_cfg: Any, model_cfg: Any) -> None:
+    """What ``checkpoint=none`` needs: the data (its label space and size) and a model to initialise."""
+    if data_cfg is None:
+        raise ConfigError("checkpoint=none needs the data to evaluate: add data=NAME (e.g. data=synthetic)")
+    if model_cfg is None:
+        raise ConfigError("checkpoint=none needs a model to initialise: add model=NAME (e.g. model=unet_resnet18)")
+    if not data_cfg.size:
+        raise ConfigError("checkpoint=none has no checkpoint to take the image size from: set data.size=N")
+    if len(data_cfg.mean) != model_cfg.in_channels:
+        raise ConfigError(f"data.mean has {len(data_cfg.mean)} values but model.in_channels={model_cfg.in_channels}")
+
+
+def baseline_meta(cfg: Any) -> Any:
+    """``checkpoint=none``'s adaptation defaults: the ``meta`` group, or the schema's."""
+    return cfg.meta if cfg.meta is not None else OmegaConf.structured(MetaConfig)
 
 
 def _random_init(cfg: Any):
     """The ``checkpoint=none`` baseline: the ``model`` group at random init on ``data``'s label space."""
-    if cfg.data is None:
-        raise ConfigError("checkpoint=none needs the data to evaluate: add data=NAME (e.g. data=synthetic)")
-    if cfg.model is None:
-        raise ConfigError("checkpoint=none needs a model to initialise: add model=NAME (e.g. model=unet_resnet18)")
-    if not cfg.data.size:
-        raise ConfigError("checkpoint=none has no checkpoint to take the image size from: set data.size=N")
-    if len(cfg.data.mean) != cfg.model.in_channels:
-        raise ConfigError(f"data.mean has {len(cfg.data.mean)} values but model.in_channels={cfg.model.in_channels}")
-    mix = _held_out_mix(cfg.data)
+    check_baseline(cfg.data, cfg.model)
+    mix = heldout_mix(cfg.data)
     model = build_model(cfg.model, mix.num_classes)
-    meta = cfg.meta if cfg.meta is not None else OmegaConf.structured(MetaConfig)
-    return model, cfg.model, meta, mix, None, {"kind": "random", "checkpoint_classes": None, "init": None}, None
+    return (model, cfg.model, baseline_meta(cfg), mix, None,
+            {"kind": "random", "checkpoint_classes": None, "init": None}, None)
+
+
+def adaptation_learner(model: nn.Module, meta_cfg: Any, precision: Precision, head: dict,
+                       meta_state: Optional[dict] = None):
+    """The learner that adapts ``model`` as ``meta_cfg`` says, with the checkpoint's learned state
+    (Meta-SGD's step sizes, if any); a new head starts from the support prototypes."""
+    learner = make_learner(model, meta_cfg, precision)
+    learner.load_meta_state_dict(meta_state)
+    return NewHeadLearner(learner) if head["kind"] == "new" else learner
 
 
 def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     """Evaluate the checkpoint's (or the given) held-out datasets; write eval.json, eval.md, eval.csv, pictures/."""
     validate_eval(cfg.eval)
     seed_everything(cfg.seed)
-    baseline = str(cfg.checkpoint).strip().lower() == NO_CHECKPOINT
+    baseline = is_baseline(cfg.checkpoint)
     model, model_cfg, meta_cfg, mix, step, head, meta_state = \
         _random_init(cfg) if baseline else _from_checkpoint(cfg)
     device = resolve_device(cfg.device)
-    learner = make_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type))
-    learner.load_meta_state_dict(meta_state)  # Meta-SGD's learned step sizes, if any
-    if head["kind"] == "new":
-        learner = NewHeadLearner(learner)
+    learner = adaptation_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type), head,
+                                 meta_state)
     log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline
              else cfg.checkpoint, list(mix.heldout), cfg.eval.shots, cfg.eval.episodes, cfg.eval.mode)
     result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)

@@ -83,11 +83,40 @@ def _fit(rgb: np.ndarray, box: int = PANEL) -> Image.Image:
     return img.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
 
 
-def _font(size: int = 13):
+def load_font(size: int = 13):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: bitmap font only
         return ImageFont.load_default()
+
+
+def legend_lines(entries: Sequence[tuple[tuple[int, int, int], str]], width: int, font, box: int = 16,
+                 margin: int = MARGIN) -> list[list[tuple[int, tuple[int, int, int], str]]]:
+    """Lay legend ``entries`` (colour, name) out in lines that fit ``width``: ``[[(x, colour, name), ...], ...]``."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line, x = [], [], margin
+    for colour, name in entries:
+        w = box + box * 6 // 16 + int(probe.textlength(name, font=font)) + box
+        if line and x + w > width - margin:
+            lines.append(line)
+            line, x = [], margin
+        line.append((x, colour, name))
+        x += w
+    if line:
+        lines.append(line)
+    return lines
+
+
+def draw_legend(draw: ImageDraw.ImageDraw, lines: list, y: int, font, box: int = 16) -> int:
+    """Draw the ``legend_lines`` from height ``y`` down: a swatch and a name per entry; returns the y below."""
+    step = box * 22 // 16
+    pad = box // 8
+    for line in lines:
+        for x, colour, name in line:
+            draw.rectangle([x, y + pad, x + box, y + pad + box - 2], fill=colour, outline=(90, 90, 90))
+            draw.text((x + box + box * 6 // 16, y + pad), name, fill=INK, font=font)
+        y += step
+    return y
 
 
 def render_grid(title: str, rows: Sequence[dict], columns: Sequence[str], classes: Sequence[str],
@@ -96,25 +125,14 @@ def render_grid(title: str, rows: Sequence[dict], columns: Sequence[str], classe
 
     Each row is ``{"panels": [RGB uint8 arrays], "captions": [str]}``, one panel per column.
     """
-    font, bold = _font(13), _font(15)
+    font, bold = load_font(13), load_font(15)
     ncols = len(columns)
     width = max(2 * MARGIN + ncols * PANEL + (ncols - 1) * GAP, 420)
     colours = palette(len(classes))
     legend = [(c, name) for c, name in zip(colours, classes)]
     if show_ignore:
         legend.append((IGNORE_COLOUR, "ignored"))
-    # lay the legend out in lines that fit the width
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines, line, x = [], [], MARGIN
-    for colour, name in legend:
-        w = 16 + 6 + int(probe.textlength(name, font=font)) + 16
-        if line and x + w > width - MARGIN:
-            lines.append(line)
-            line, x = [], MARGIN
-        line.append((x, colour, name))
-        x += w
-    if line:
-        lines.append(line)
+    lines = legend_lines(legend, width, font)
     top = MARGIN + HEADER + HEADER
     row_h = PANEL + CAPTION + GAP
     height = top + len(rows) * row_h + len(lines) * 22 + MARGIN
@@ -132,12 +150,7 @@ def render_grid(title: str, rows: Sequence[dict], columns: Sequence[str], classe
             draw.rectangle([x - 1, y - 1, x + PANEL, y + PANEL], fill=LETTERBOX, outline=(200, 200, 200))
             canvas.paste(img, (x + (PANEL - img.width) // 2, y + (PANEL - img.height) // 2))
             draw.text((x, y + PANEL + 3), caption, fill=INK, font=font)
-    y = top + len(rows) * row_h
-    for line in lines:
-        for x, colour, name in line:
-            draw.rectangle([x, y + 2, x + 16, y + 16], fill=colour, outline=(90, 90, 90))
-            draw.text((x + 22, y + 2), name, fill=INK, font=font)
-        y += 22
+    draw_legend(draw, lines, top + len(rows) * row_h, font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -64,7 +64,7 @@ class _Pending:
 def slide_logits(model: nn.Module, image: torch.Tensor, window: Sequence[int], stride: Sequence[int],
                  batch_size: int, precision=None) -> torch.Tensor:
     """Averaged sliding-window logits (K, H, W) of one normalised image (C, H, W)."""
-    for _, logits, _ in _slide(model, iter([(0, image, torch.zeros(image.shape[-2:]))]), window, stride,
+    for _, logits, _ in slide(model, iter([(0, image, torch.zeros(image.shape[-2:]))]), window, stride,
                                batch_size, precision):
         return logits
     raise AssertionError("unreachable")
@@ -74,7 +74,7 @@ def _autocast(precision):
     return precision.autocast() if precision is not None else contextlib.nullcontext()
 
 
-def _slide(model, items: Iterator, window, stride, batch_size: int, precision):
+def slide(model, items: Iterator, window, stride, batch_size: int, precision):
     """Yield ``(index, logits (K, H, W), mask)`` per image of ``items`` = ``(index, image, mask)``, in order."""
     wh, ww = window
     sh, sw = stride
@@ -146,5 +146,5 @@ def predictions(model: nn.Module, dataset: Dataset, indices: Sequence[int], devi
             image, mask = full_resolution_sample(dataset, int(i))
             yield int(i), image.to(device), mask.to(device)
 
-    for index, logits, mask in _slide(model, items(), window, stride, batch_size, precision):
+    for index, logits, mask in slide(model, items(), window, stride, batch_size, precision):
         yield [index], logits.argmax(0, keepdim=True), mask.unsqueeze(0)
