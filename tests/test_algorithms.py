@@ -440,7 +440,7 @@ def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient()
     support, query = [(x.double(), y) for x, y in shapes_task(n=2)]
     calls = []
     model.encoder.conv1.register_forward_hook(lambda *a: calls.append(1))  # runs only when computed
-    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3)
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # reuse is the func backend's
     assert model.encoder in learner.inner.frozen and model.decoder.blocks[0] in learner.inner.frozen
     _, reused = grads_of(learner, support, query)
     assert len(calls) == 2  # the support batch once for all three inner steps, the query once
@@ -453,7 +453,7 @@ def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient()
 
 
 def test_maml_matches_higher_as_an_independent_implementation():
-    """The functional inner loop against higher's patched-module MAML (the project's previous backend)."""
+    """The inner loop against MAML written with higher's own innerloop_ctx and DifferentiableOptimizer."""
     higher = pytest.importorskip("higher")
     model = tiny_net()
     support, query = task()
@@ -469,7 +469,7 @@ def test_maml_matches_higher_as_an_independent_implementation():
 
 def test_memo_keeps_the_latest_inputs_only():
     model = tiny_net()
-    learner = ANIL(model, inner_lr=ALPHA, inner_steps=1, inner_params=["-1"])
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=1, inner_params=["-1"], backend="func")
     assert model[0] in learner.inner.frozen
     xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(3)]
     with learner.inner.reusing():

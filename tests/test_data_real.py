@@ -99,7 +99,7 @@ def test_retina_lodo_trains_through_the_command(lodo_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["datasets"]) == ["retina_drive"] and metrics["classes"] == ["background", "foreground"]
     assert metrics["step"] == 2 and 0 <= metrics["datasets"]["retina_drive"]["adapted"]["miou"]["mean"] <= 1
-    assert "meta-training Unet-resnet18 on ['retina_stare', 'retina_chasedb1'], held out ['retina_drive']" in (
+    assert "maml-training Unet-resnet18 on ['retina_stare', 'retina_chasedb1'], held out ['retina_drive']" in (
         run / "train.log").read_text()
 
 
