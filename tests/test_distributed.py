@@ -11,7 +11,7 @@ task gradients in another order into +-beta steps on near-zero gradient entries.
 inner-loop backends, Adam) is compared after one step, where the weights agree to ~2e-6 while
 a wrong reduction (a rank's tasks lost, counted twice, or not averaged) moves them by ~beta =
 1e-3; Reptile (outer SGD) after three steps, within 2% of the last step's size (measured:
-0.3%). A one-process run compared with itself under another summation order drifts alike.
+0.3%).
 
 The two processes are spawned once (``torch.multiprocessing``, rendezvous on 127.0.0.1 at
 a free port, gloo on the loopback interface) and run every distributed case in one group,
@@ -80,6 +80,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         root_path = Path(root)
+        _grad_sync_cases(rank, root_path)
         for name, overrides in CASES.items():
             train(_cfg(*overrides), root_path / ("two" if rank == 0 else "rank1") / name)
         # evaluation split over the ranks, on the one-process run's weights
@@ -94,6 +95,18 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             (root_path / "two" / "eval_pictures.json").write_text(json.dumps(sorted(result.pictures)))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _grad_sync_cases(rank: int, root: Path) -> None:
+    """GradSync on hand-made gradients: a parameter with a gradient on one rank only, one on none."""
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    params[0].grad = torch.full((3,), float(rank + 1))  # 1 and 2
+    if rank == 1:
+        params[1].grad = torch.tensor([1.0, 2.0, 3.0])
+    sync = distributed.GradSync(bucket_mb=8 / 2**20)  # 8-byte buckets: several in flight at once
+    used, drawn = sync.reduce(params, n_used=rank, n_tasks=2)
+    out = {"used": used, "drawn": drawn, "grads": [None if p.grad is None else p.grad.tolist() for p in params]}
+    (root / f"gradsync{rank}.json").write_text(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +133,13 @@ def test_two_processes_reach_the_weights_of_one(runs):
     assert _max_diff(_weights(one / "maml_higher"), _weights(two / "reptile")) > 1e-4  # the check can fail
     d, tol = _max_diff(_weights(one / "reptile"), _weights(two / "reptile")), _reptile_tolerance(runs)
     assert 0 < tol and d < tol, (d, tol)
+
+
+def test_grad_sync_sums_gradients_and_counts_over_ranks(runs):
+    for rank in (0, 1):
+        out = json.loads((runs / f"gradsync{rank}.json").read_text())
+        assert (out["used"], out["drawn"]) == (1, 4)
+        assert out["grads"] == [[3.0, 3.0, 3.0], [1.0, 2.0, 3.0], None]  # rank 0 had no grad for the 2nd: zeros
 
 
 def test_resume_with_another_world_size_reshards(runs, tmp_path):
