@@ -59,6 +59,13 @@ class TaskOutcome:
     stats: dict = field(default_factory=dict)
 
 
+def tasks_of_step(sampler, n: int):
+    """This process's tasks of a meta-batch of ``n``: ``sampler.sample_batch(n)`` (a sharded
+    ``TaskSampler``), or ``n`` calls of ``sample()`` for any other sampler."""
+    batch = getattr(sampler, "sample_batch", None)
+    return batch(n) if batch is not None else (sampler.sample() for _ in range(n))
+
+
 def _mean_stats(outcomes: list[TaskOutcome]) -> dict:
     keys = sorted({k for o in outcomes if o.used for k in o.stats})
     used = [o for o in outcomes if o.used]
@@ -126,7 +133,7 @@ class Algorithm:
         self.step, self.logging = step, log
         lr = self.begin_step(optimizer, scaler, step)
         outcomes = []
-        for task in sampler.sample_batch(self.outer.meta_batch):  # this process's share of the tasks
+        for task in tasks_of_step(sampler, self.outer.meta_batch):  # this process's share of the tasks
             outcomes.append(self.task_step(task.to(device) if device is not None else task, scaler,
                                            1.0 / self.outer.meta_batch))
         stats = self.finish_step(optimizer, scaler, outcomes)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from metaseg.meta.base import TaskOutcome
+from metaseg.meta.base import TaskOutcome, tasks_of_step
 from metaseg.meta.maml import Batch, MetaLearner
 
 
@@ -44,7 +44,7 @@ class ERM(MetaLearner):
     def meta_step(self, sampler, optimizer, scaler, step: int, *, device=None, log: bool = False) -> dict:
         self.step, self.logging = step, log
         self.model.train()
-        tasks = list(sampler.sample_batch(self.outer.meta_batch))  # this process's share
+        tasks = list(tasks_of_step(sampler, self.outer.meta_batch))  # this process's share
         tasks = [t.to(device) for t in tasks] if device is not None else tasks
         before = [self.query_loss_before(t) for t in tasks] if log else []
         passes, skipped, stats = [], 0.0, {}
