@@ -23,9 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
+from metaseg.engine import distributed
 from metaseg.engine.best import BestTracker
 from metaseg.engine.build import make_learner, validate_meta
-from metaseg.engine import distributed
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
@@ -98,7 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         ctx.close()
 
 
-def _train(cfg: DictConfig, ctx: "distributed.Context", run_dir: Path) -> dict:
+def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     device = ctx.device
     distributed.check_meta_batch(cfg.meta.meta_batch, ctx.world_size)
     distributed.quiet_logging(ctx)
@@ -159,7 +159,7 @@ def _train(cfg: DictConfig, ctx: "distributed.Context", run_dir: Path) -> dict:
     t0 = time.perf_counter()
     step = start_step
     try:
-        bar = progress(start_step, cfg.trainer.max_steps)  # (tqdm on every rank: cheap, on stderr)
+        bar = progress(start_step, cfg.trainer.max_steps)
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
             # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
