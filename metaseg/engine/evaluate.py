@@ -13,6 +13,9 @@ For each held-out dataset of n images:
 3. **Summary.** For each k, the mean and 95% interval (1.96 s / sqrt(episodes)) of every
    score over the episodes.
 
+Under torchrun the episodes are split over the processes (``metaseg.engine.distributed``) and
+gathered in episode order, so every process returns the numbers one process would.
+
 Scores come from confusion matrices (``metaseg.metrics``): the top-level numbers are the
 dataset reduction, ``"image"`` holds the image reduction. Scoring runs under
 ``torch.inference_mode`` in batches (``metaseg.engine.predict``); only adaptation builds a
@@ -33,6 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from metaseg.data.tasks import collate
+from metaseg.engine.distributed import episode_share, gather, is_main
 from metaseg.engine.eval_report import render_gallery
 from metaseg.engine.predict import MODES, predictions
 from metaseg.meta.maml import IGNORE_INDEX, MetaLearner
@@ -200,9 +204,10 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
 
     steps = cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps
     lr = cfg.adapt_lr  # None: the learner's own step sizes (alpha, or Meta-SGD's learned ones)
-    episodes: dict[int, list[dict]] = {k: [] for k in ks}
+    episodes: dict[int, list] = {k: [] for k in ks}
     query_size = min(n - largest, cap or n)
-    for e, order in enumerate(orders):
+    for e in episode_share(len(orders)):  # under torchrun each process runs every world_size-th episode
+        order = orders[e]
         query = sorted(order[largest:].tolist())[:cap]
         for k in ks:
             support = order[:k]
@@ -217,7 +222,8 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
             record = {"support": [int(i) for i in support], "seed": [seed, zlib.crc32(name.encode()), e]}
             record.update({key: s[key] for key in (*_summary_keys(s), *PER_CLASS)})
             record["image"] = {key: s["image"][key] for key in (*_summary_keys(s), *PER_CLASS)}
-            episodes[k].append(record)
+            episodes[k].append((e, record))
+    episodes = {k: [r for _, r in sorted(gather(episodes[k]), key=lambda er: er[0])] for k in ks}
 
     summaries = {}
     for k in ks:
@@ -275,7 +281,7 @@ def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_cla
                       "datasets": {}})
     for name, ds in datasets.items():
         t0 = time.perf_counter()
-        gallery: Optional[dict] = {} if cfg.pictures > 0 else None
+        gallery: Optional[dict] = {} if cfg.pictures > 0 and is_main() else None  # episode 0 is rank 0's
         res = evaluate_dataset(learner, name, ds, num_classes, cfg, device, seed, gallery)
         out.seconds[name] = time.perf_counter() - t0
         out["datasets"][name] = res

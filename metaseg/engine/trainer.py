@@ -3,7 +3,9 @@
 ``train(cfg, run_dir)`` is a plain function of a composed config so that the Hydra entry
 point, the tests and sweepers all run the same code; it returns the final metrics, whose
 ``objective`` (the held-out metric ``trainer.best_metric``, mean adapted mIoU by default) is
-what a sweeper optimises. A run killed at any point continues exactly with
+what a sweeper optimises. Under torchrun every process runs it (``metaseg.engine.distributed``):
+each adapts its share of the meta-batch, gradients are summed before the one outer step,
+and only rank 0 writes. A run killed at any point continues exactly with
 ``trainer.resume=auto`` (see ``metaseg.engine.state``); evaluation and monitoring never move
 the training's random streams, so the order of the work below is free to change.
 """
@@ -21,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
+from metaseg.engine import distributed
 from metaseg.engine.best import BestTracker
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
@@ -88,14 +91,28 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
+    ctx = distributed.setup(device)  # torchrun: join the group, take cuda:LOCAL_RANK; else one process
+    try:
+        return _train(cfg, ctx, Path(distributed.broadcast(str(run_dir))))  # rank 0's folder for all
+    finally:
+        ctx.close()
+
+
+def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
+    device = ctx.device
+    distributed.check_meta_batch(cfg.meta.meta_batch, ctx.world_size)
+    distributed.quiet_logging(ctx)
     precision = Precision(cfg.trainer.precision, device.type)
     meta = cfg.meta
 
     mix = build_mix(cfg.data)
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
+    sampler.shard(ctx.rank, ctx.world_size)  # same stream on every rank, each loads its slice
     check_heldout_sizes(mix.heldout, cfg.eval)
     model = build_model(cfg.model, mix.num_classes).to(device)
     learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
+    if ctx.world_size > 1:
+        learner.grad_sync = distributed.GradSync()
     optimizer = learner.make_optimizer()
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -105,9 +122,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     stateful = {"model": model, "meta_state": learner, "optimizer": optimizer, "scaler": scaler,
                 "sampler": sampler, "best": best}
     monitor = InnerLoopMonitor(sampler, cfg.trainer.monitor_tasks, cfg.seed, device) \
-        if cfg.trainer.monitor_tasks else None
-    start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)
+        if cfg.trainer.monitor_tasks and ctx.main else None
+    start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)  # every rank reads the same file
+    distributed.offset_streams(cfg.seed, start_step, ctx.rank)
+    distributed.broadcast_tensors([*learner.parameters(), *model.buffers()])
 
+    def main_only(fn):  # checkpoints and tensorboard: rank 0 writes, the others skip
+        return fn if ctx.main else (lambda *args, **kwargs: None)
+
+    @main_only
     def checkpoint(step: int, *names: str) -> None:
         if not names:
             return
@@ -118,7 +141,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     def evaluate(step: int) -> dict:
         with rng_isolated():
             result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
-            _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
+            if writer is not None:
+                _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
         return result
 
     log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
@@ -126,8 +150,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
              list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
              meta.inner_lr, meta.outer_lr, "first" if learner.is_first_order(cfg.trainer.max_steps) else "second",
              precision.mode, device)
+    if ctx.world_size > 1:
+        log.info("%d processes (backend %s), %d of the %d tasks of each step on rank 0", ctx.world_size,
+                 distributed.backend_for(device), len(sampler.share(meta.meta_batch)), meta.meta_batch)
     # purge_step: a resumed run drops the events the killed one logged after its checkpoint
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None) \
+        if ctx.main else None
     t0 = time.perf_counter()
     step = start_step
     try:
@@ -137,7 +165,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
             stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
 
-            if log_now:
+            if log_now and writer is not None:
                 elapsed = time.perf_counter() - t0
                 for key, value in stats.items():
                     writer.add_scalar(f"train/{key}", value, step)
@@ -168,13 +196,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         finally:  # the final weights are kept even when trainer.best_metric names no result key
             checkpoint(step, LAST, *([BEST] if improved else []))
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     seconds = time.perf_counter() - t0
     # metrics.json holds only what the seed and config determine: two runs give identical files
     metrics = {"step": step, **result, "best": best.summary()}
     metrics["objective"] = best.value_of(result) if mix.heldout else float("nan")
+    distributed.barrier()  # every rank has finished before rank 0 reports the run done
+    if not ctx.main:
+        return {**metrics, "seconds": seconds}
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
+                                         "processes": ctx.world_size,
                                          "steps_per_second": (step - start_step) / seconds if seconds else None})
     log.info("wrote %s", run_dir / "metrics.json")
     return {**metrics, "seconds": seconds}

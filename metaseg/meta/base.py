@@ -9,6 +9,11 @@
 3. if some tasks were skipped, the gradient is rescaled to the mean over the others;
 4. unscale, clip to ``clip_grad`` (optional), one optimizer step, update the scale.
 
+Under torchrun (:mod:`metaseg.engine.distributed`) each process runs step 2 on its slice of
+the meta-batch (still weighted 1/meta_batch, the global size) and ``grad_sync``, set by the
+trainer, sums the gradients and task counts over the processes at the start of step 3, so
+steps 3-4 see the gradient a one-process run would and every process steps identically.
+
 Algorithms change step 2 (Reptile backpropagates a surrogate whose gradient is
 theta - phi) or the whole step (ERM makes K+1 plain updates). The optimizer and scaler
 are created by the caller (``make_optimizer`` says which), so checkpoints keep owning them.
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -54,6 +59,13 @@ class TaskOutcome:
     stats: dict = field(default_factory=dict)
 
 
+def tasks_of_step(sampler, n: int):
+    """This process's tasks of a meta-batch of ``n``: ``sampler.sample_batch(n)`` (a sharded
+    ``TaskSampler``), or ``n`` calls of ``sample()`` for any other sampler."""
+    batch = getattr(sampler, "sample_batch", None)
+    return batch(n) if batch is not None else (sampler.sample() for _ in range(n))
+
+
 def _mean_stats(outcomes: list[TaskOutcome]) -> dict:
     keys = sorted({k for o in outcomes if o.used for k in o.stats})
     used = [o for o in outcomes if o.used]
@@ -61,10 +73,21 @@ def _mean_stats(outcomes: list[TaskOutcome]) -> dict:
             for k in keys}
 
 
+class GradSync(Protocol):
+    """Sums the outer gradients of every process (``metaseg.engine.distributed``)."""
+
+    def reduce(self, params: list[nn.Parameter], n_used: int, n_tasks: int) -> tuple[int, int]:
+        """Make ``p.grad`` the sum over processes; returns the global (used, drawn) task counts."""
+
+    def mean_stats(self, outcomes: list[TaskOutcome]) -> dict:
+        """Task statistics averaged over every process's tasks."""
+
+
 class Algorithm:
     """Outer-loop machinery; subclasses define ``task_objective`` (and the inner loop)."""
 
     name = "base"
+    grad_sync: Optional[GradSync] = None  # set by the trainer when several processes share a run
     model: nn.Module
     precision: Any
     outer: OuterSettings
@@ -110,8 +133,7 @@ class Algorithm:
         self.step, self.logging = step, log
         lr = self.begin_step(optimizer, scaler, step)
         outcomes = []
-        for _ in range(self.outer.meta_batch):
-            task = sampler.sample()
+        for task in tasks_of_step(sampler, self.outer.meta_batch):  # this process's share of the tasks
             outcomes.append(self.task_step(task.to(device) if device is not None else task, scaler,
                                            1.0 / self.outer.meta_batch))
         stats = self.finish_step(optimizer, scaler, outcomes)
@@ -148,16 +170,20 @@ class Algorithm:
 
     def finish_step(self, optimizer, scaler, outcomes: list[TaskOutcome]) -> dict:
         """Average over the tasks used, unscale, clip, step theta; skip the step if nothing is usable."""
-        stats = _mean_stats(outcomes)
-        n_used = sum(o.used for o in outcomes)
-        stats["tasks_skipped"] = float(len(outcomes) - n_used)
+        n_used, n_tasks = sum(o.used for o in outcomes), len(outcomes)
+        if self.grad_sync is not None:  # several processes: sum gradients and counts over them
+            n_used, n_tasks = self.grad_sync.reduce(self.parameters(), n_used, n_tasks)
+            stats = self.grad_sync.mean_stats(outcomes) if self.logging else _mean_stats(outcomes)
+        else:
+            stats = _mean_stats(outcomes)
+        stats["tasks_skipped"] = float(n_tasks - n_used)
         params = [p for p in self.parameters() if p.grad is not None]
         if n_used == 0 or not params:
             optimizer.zero_grad(set_to_none=True)
             return stats
-        if n_used < len(outcomes):
+        if n_used < n_tasks:
             for p in params:
-                p.grad.mul_(len(outcomes) / n_used)
+                p.grad.mul_(n_tasks / n_used)
         scaler.unscale_(optimizer)
         if self.outer.clip_grad:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.outer.clip_grad))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from metaseg.meta.base import TaskOutcome
+from metaseg.meta.base import TaskOutcome, tasks_of_step
 from metaseg.meta.maml import Batch, MetaLearner
 
 
@@ -44,7 +44,7 @@ class ERM(MetaLearner):
     def meta_step(self, sampler, optimizer, scaler, step: int, *, device=None, log: bool = False) -> dict:
         self.step, self.logging = step, log
         self.model.train()
-        tasks = [sampler.sample() for _ in range(self.outer.meta_batch)]
+        tasks = list(tasks_of_step(sampler, self.outer.meta_batch))  # this process's share
         tasks = [t.to(device) for t in tasks] if device is not None else tasks
         before = [self.query_loss_before(t) for t in tasks] if log else []
         passes, skipped, stats = [], 0.0, {}
@@ -60,7 +60,7 @@ class ERM(MetaLearner):
                     outcomes.append(TaskOutcome(False))
                     continue
                 self.guard.ok()
-                scaler.scale(loss / len(tasks)).backward()
+                scaler.scale(loss / self.outer.meta_batch).backward()
                 outcomes.append(TaskOutcome(True, {"loss": value}))
             stats = self.finish_step(optimizer, scaler, outcomes)
             skipped += stats.pop("tasks_skipped")
@@ -68,6 +68,6 @@ class ERM(MetaLearner):
         if self.inner_steps:
             stats["support_loss_before"], stats["support_loss_after"] = passes[0], passes[-2]
         stats.update(outer_loss=passes[-1], query_loss_after=passes[-1], tasks_skipped=skipped, outer_lr=lr)
-        if before:
+        if before:  # this process's tasks only
             stats["query_loss_before"] = sum(before) / len(before)
         return stats
