@@ -113,8 +113,13 @@ def _grad_sync_cases(rank: int, root: Path) -> None:
 def runs(tmp_path_factory):
     """One-process reference runs here, then the same runs over two processes."""
     root = tmp_path_factory.mktemp("dist")
-    for name in ("reptile", "maml_higher", "maml_func"):
-        train(_cfg(*CASES[name]), root / "one" / name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker: the same summation order in every process
+    try:
+        for name in ("reptile", "maml_higher", "maml_func"):
+            train(_cfg(*CASES[name]), root / "one" / name)
+    finally:
+        torch.set_num_threads(threads)
     mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
     return root
 
