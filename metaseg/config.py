@@ -72,6 +72,9 @@ class DataConfig:
     cache: str = "memory"  # memory | disk: decoded, resized images kept in memory (and on disk)
     cache_dir: Optional[str] = None  # disk cache folder (cache: disk); null: .cache/metaseg
     workers: Optional[int] = None  # decoding threads; null: min(8, CPU count)
+    # meta-validation split of every training dataset (metaseg/data/splits.py): best.pt, patience, eval.tune
+    val_fraction: float = 0.2  # seeded fraction of each training dataset reserved for validation tasks
+    val_splits: List[str] = field(default_factory=lambda: ["val"])  # splits.csv values reserved instead
 
 
 @dataclass
@@ -130,7 +133,8 @@ class TrainerConfig:
     resume_strict: bool = True  # refuse a checkpoint of another metaseg version or config (false: warn)
     deterministic: bool = False  # torch.use_deterministic_algorithms: same numbers on GPU too, slower
     deterministic_warn_only: bool = False  # warn (not stop) at an op without a deterministic kernel
-    best_metric: str = "mean.adapted_miou"  # held-out result key (dotted) for best.pt and the objective
+    best_metric: str = "val.mean.adapted_miou"  # result key (dotted) for best.pt and the objective; val.: validation tasks
+    patience: Optional[int] = None  # early stopping: evaluations without a better best_metric; null: never
     best_mode: str = "max"  # max | min
     monitor_tasks: int = 1  # fixed tasks whose query loss after 0..K inner steps is logged (0: off)
 
@@ -151,6 +155,7 @@ class EvalConfig:
     window: Optional[int] = None  # slide: square window side; null: the training size (the samples' size)
     stride: Optional[int] = None  # slide: window step; null: half the window
     pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
+    val_episodes: Optional[int] = None  # episodes per validation dataset (best.pt, tune); null: episodes
 
 
 @dataclass

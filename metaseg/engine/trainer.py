@@ -27,6 +27,8 @@ from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_trainin
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
+from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
+from metaseg.data.splits import check_validation_sizes
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError
@@ -51,10 +53,13 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if t.best_mode not in ("max", "min"):
         raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
-    if t.best_metric.startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
+    if t.best_metric.removeprefix("val.").startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
         raise ConfigError(f"trainer.best_metric={t.best_metric!r} needs adapted scores, but eval.shots={e.shots} "
                           f"and eval.episodes={e.episodes}: raise both to >= 1 or pick trainer.best_metric="
                           f"mean.zero_shot_miou")
+    if t.patience is not None and (t.patience < 1 or not t.eval_every):
+        raise ConfigError(f"trainer.patience={t.patience} needs a value >= 1 and trainer.eval_every > 0 "
+                          f"(evaluations to wait), or null")
     if t.monitor_tasks < 0:
         raise ConfigError(f"trainer.monitor_tasks={t.monitor_tasks} must be >= 0")
     if len(cfg.data.mean) != cfg.model.in_channels or len(cfg.data.std) != cfg.model.in_channels:
@@ -79,6 +84,13 @@ def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
         writer.add_image(f"predictions/{name}", grid, step)
 
 
+def stop_early(trainer_cfg, best: BestTracker, step: int) -> bool:
+    """``trainer.patience`` evaluations have passed since the best one (restartable: reads the tracker)."""
+    if not trainer_cfg.patience or best.step is None:
+        return False
+    return (step - best.step) >= trainer_cfg.patience * trainer_cfg.eval_every
+
+
 @honours_determinism
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Meta-train as ``cfg`` says, writing checkpoints, tensorboard and metrics under ``run_dir``."""
@@ -91,7 +103,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     precision = Precision(cfg.trainer.precision, device.type)
     meta = cfg.meta
 
-    mix = build_mix(cfg.data)
+    mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/validation.py)
+    check_selection_metric(cfg.trainer.best_metric, mix.val, mix.heldout)
+    if cfg.eval.episodes >= 1:
+        check_validation_sizes(mix.val, shot_list(cfg.eval))
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     check_heldout_sizes(mix.heldout, cfg.eval)
     model = build_model(cfg.model, mix.num_classes).to(device)
@@ -119,6 +134,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         with rng_isolated():
             result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
             _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
+            if mix.val:
+                result["val"] = evaluate_validation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed,
+                                                    mix.classes)
+                log_validation(writer, result["val"], step)
         return result
 
     log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
@@ -156,15 +175,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             # evaluate before saving, so a checkpoint's best-so-far includes this step's score
             improved = False
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:
-                improved = bool(mix.heldout) and best.update(evaluate(step), step)
+                improved = bool(mix.heldout or mix.val) and best.update(evaluate(step), step)
+                if not improved and stop_early(cfg.trainer, best, step):
+                    log.info("no better %s for %s evaluations: stopping early at step %d",
+                             best.metric, cfg.trainer.patience, step)
+                    break  # the final evaluation and checkpoint below run at this step
             due = step % cfg.trainer.ckpt_every == 0 and step != cfg.trainer.max_steps
             checkpoint(step, *([LAST] if due else []), *([BEST] if improved else []))
             kill_if_requested(step)
 
-        step = cfg.trainer.max_steps
+        else:
+            step = cfg.trainer.max_steps
         result, improved = evaluate(step), False
         try:
-            improved = bool(mix.heldout) and best.update(result, step)
+            improved = bool(mix.heldout or mix.val) and best.update(result, step)
         finally:  # the final weights are kept even when trainer.best_metric names no result key
             checkpoint(step, LAST, *([BEST] if improved else []))
     finally:
@@ -172,7 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     seconds = time.perf_counter() - t0
     # metrics.json holds only what the seed and config determine: two runs give identical files
     metrics = {"step": step, **result, "best": best.summary()}
-    metrics["objective"] = best.value_of(result) if mix.heldout else float("nan")
+    metrics["objective"] = best.value_of(result) if mix.heldout or mix.val else float("nan")
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
                                          "steps_per_second": (step - start_step) / seconds if seconds else None})
