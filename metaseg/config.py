@@ -116,6 +116,7 @@ class MetaConfig:
     query_from: str = "same"  # same | other: query batch from the task's dataset or another of the mix
     gamma: float = 1.0  # MLDG: weight of the cross-dataset loss L_j(theta')
     second_order_fallback: bool = False  # encoder without second derivatives: true trains first order, warning
+    init_from: Optional[str] = None  # start from a metaseg checkpoint or an encoder state dict (engine/init_from.py)
 
 
 @dataclass
@@ -156,6 +157,20 @@ class EvalConfig:
     stride: Optional[int] = None  # slide: window step; null: half the window
     pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
     val_episodes: Optional[int] = None  # episodes per validation dataset (best.pt, tune); null: episodes
+    # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
+    tune: bool = False
+    tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    tune_steps: List[int] = field(default_factory=lambda: [3, 10])
+    tune_episodes: Optional[int] = None  # episodes per validation dataset per grid point; null: val_episodes
+
+
+@dataclass
+class PretrainConfig:
+    """A first stage before meta-training (engine/stages.py): the two-stage recipe in one run."""
+
+    steps: int = 0  # outer steps of the first stage; 0: none
+    algorithm: str = "erm"  # the first stage's algorithm (joint training by default)
+    checkpoint: str = "best"  # best (on validation tasks) | last: what the second stage starts from
 
 
 @dataclass
@@ -165,6 +180,7 @@ class TrainConfig:
     meta: MetaConfig = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
 
 

@@ -26,6 +26,8 @@ from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
+from metaseg.engine.init_from import initialise
+from metaseg.engine.stages import pretrain_stage
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
 from metaseg.data.splits import check_validation_sizes
@@ -96,6 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Meta-train as ``cfg`` says, writing checkpoints, tensorboard and metrics under ``run_dir``."""
     run_dir = Path(run_dir)
     validate(cfg)
+    cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -109,7 +112,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         check_validation_sizes(mix.val, shot_list(cfg.eval))
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     check_heldout_sizes(mix.heldout, cfg.eval)
-    model = build_model(cfg.model, mix.num_classes).to(device)
+    model = build_model(cfg.model, mix.num_classes)
+    if meta.init_from:  # before resume, which overwrites it with the run's own state
+        initialise(model, meta.init_from, mix.classes)
+    model = model.to(device)
     learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
     optimizer = learner.make_optimizer()
     scaler = precision.grad_scaler()
