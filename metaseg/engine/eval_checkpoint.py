@@ -24,6 +24,7 @@ from metaseg.engine.checkpoint import load_checkpoint
 from metaseg.engine.eval_report import write_reports
 from metaseg.engine.evaluate import evaluate_heldout, validate_eval
 from metaseg.engine.heads import NewHeadLearner, load_body
+from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import CheckpointError, ConfigError
@@ -82,7 +83,7 @@ def _from_checkpoint(cfg: Any):
                                   f"{str(exc).splitlines()[0]}") from exc
     head = {"kind": "new" if new_head else "checkpoint", "checkpoint_classes": classes,
             "init": "support prototypes (Proto-MAML)" if new_head else None}
-    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state")
+    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state"), train_cfg.data
 
 
 def _random_init(cfg: Any):
@@ -98,7 +99,8 @@ def _random_init(cfg: Any):
     mix = _held_out_mix(cfg.data)
     model = build_model(cfg.model, mix.num_classes)
     meta = cfg.meta if cfg.meta is not None else OmegaConf.structured(MetaConfig)
-    return model, cfg.model, meta, mix, None, {"kind": "random", "checkpoint_classes": None, "init": None}, None
+    return model, cfg.model, meta, mix, None, {"kind": "random", "checkpoint_classes": None, "init": None}, None, \
+        cfg.data
 
 
 def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
@@ -106,18 +108,29 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     validate_eval(cfg.eval)
     seed_everything(cfg.seed)
     baseline = str(cfg.checkpoint).strip().lower() == NO_CHECKPOINT
-    model, model_cfg, meta_cfg, mix, step, head, meta_state = \
+    model, model_cfg, meta_cfg, mix, step, head, meta_state, train_data = \
         _random_init(cfg) if baseline else _from_checkpoint(cfg)
     device = resolve_device(cfg.device)
     learner = make_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type))
     learner.load_meta_state_dict(meta_state)  # Meta-SGD's learned step sizes, if any
+    eval_cfg, tuning = cfg.eval, None
+    if cfg.eval.tune:  # adapt_lr and adapt_steps chosen on the training datasets' validation tasks (engine/tune.py)
+        if head["kind"] == "new":
+            raise ConfigError("eval.tune=true tunes on the checkpoint's own validation tasks, but the held-out "
+                              "label space differs from the checkpoint's (new head); pass eval.adapt_lr and "
+                              "eval.adapt_steps instead")
+        val = build_mix(train_data, validation=True).val
+        tuning = tune_adaptation(learner, val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+        eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
     if head["kind"] == "new":
         learner = NewHeadLearner(learner)
     log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline
              else cfg.checkpoint, list(mix.heldout), cfg.eval.shots, cfg.eval.episodes, cfg.eval.mode)
-    result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+    result = evaluate_heldout(learner, mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
     pictures, seconds = result.pictures, result.seconds
     result = dict(result)
+    if tuning is not None:
+        result["tune"] = tuning
     result["seconds"] = seconds  # wall time per dataset (not reproducible, unlike everything else)
     result["head"] = head
     result["checkpoint"] = NO_CHECKPOINT if baseline else str(cfg.checkpoint)

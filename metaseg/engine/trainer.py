@@ -28,6 +28,7 @@ from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.init_from import initialise
 from metaseg.engine.stages import pretrain_stage
+from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
 from metaseg.data.splits import check_validation_sizes
@@ -136,9 +137,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         for name in names:
             save_checkpoint(checkpoint_dir(run_dir) / name, **state, step=step, config=resolved, classes=mix.classes)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, final: bool = False) -> dict:
         with rng_isolated():
-            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+            eval_cfg = cfg.eval
+            if final and cfg.eval.tune:  # the final held-out scores with adaptation tuned on validation tasks
+                tuning = tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+                eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
+            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
+            if final and cfg.eval.tune:
+                result["tune"] = tuning
             _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
             if mix.val:
                 result["val"] = evaluate_validation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed,
@@ -192,7 +199,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         else:
             step = cfg.trainer.max_steps
-        result, improved = evaluate(step), False
+        result, improved = evaluate(step, final=True), False
         try:
             improved = bool(mix.heldout or mix.val) and best.update(result, step)
         finally:  # the final weights are kept even when trainer.best_metric names no result key
