@@ -22,12 +22,13 @@ from torch.utils.tensorboard import SummaryWriter
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.best import BestTracker
+from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.init_from import initialise
-from metaseg.engine.stages import pretrain_stage
+from metaseg.engine.stages import STAGE_DIR, pretrain_stage
 from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
@@ -122,10 +123,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     best = BestTracker(cfg.trainer.best_metric, cfg.trainer.best_mode)
+    budget = Budget(model)  # images through forward/backward passes and seconds of the outer steps
     # Everything a checkpoint restores; an algorithm with state of its own adds an entry here.
     # The learner's own state (Meta-SGD's step sizes) loads before the optimizer that updates it.
     stateful = {"model": model, "meta_state": learner, "optimizer": optimizer, "scaler": scaler,
-                "sampler": sampler, "best": best}
+                "sampler": sampler, "best": best, "budget": budget}
     monitor = InnerLoopMonitor(sampler, cfg.trainer.monitor_tasks, cfg.seed, device) \
         if cfg.trainer.monitor_tasks else None
     start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)
@@ -167,7 +169,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
             # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
-            stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
+            with budget.counting():
+                stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
 
             if log_now:
                 elapsed = time.perf_counter() - t0
@@ -209,6 +212,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     seconds = time.perf_counter() - t0
     # metrics.json holds only what the seed and config determine: two runs give identical files
     metrics = {"step": step, **result, "best": best.summary()}
+    spent = write_budget(run_dir, budget, seconds, {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
+    metrics["budget"] = {k: v for k, v in spent["total"].items() if not k.endswith("seconds")}
     metrics["objective"] = best.value_of(result) if mix.heldout or mix.val else float("nan")
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
