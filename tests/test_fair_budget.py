@@ -73,3 +73,20 @@ def test_a_run_writes_its_budget(tmp_path):
     assert metrics["budget"] == {"forward_images": 8 + 12, "backward_images": 16, "outer_steps": 2}
     saved = json.loads((tmp_path / "budget.json").read_text())
     assert saved["total"]["forward_images"] == 20 and saved["total"]["train_seconds"] > 0
+
+
+def test_report_shows_both_budget_views(tmp_path):
+    from metaseg.report import find_runs, table
+    for name, fwd, secs in (("a", 100, 2.5), ("b", 300, 1.0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"mean": {"adapted_miou": 0.5}, "objective": 0.5,
+                                                    "budget": {"forward_images": fwd, "backward_images": fwd // 2,
+                                                               "outer_steps": 2}}))
+        (d / "budget.json").write_text(json.dumps({"total": {"forward_images": fwd, "train_seconds": secs / 2,
+                                                             "seconds": secs}}))
+    header, rows = table(find_runs(tmp_path), "mean.adapted_miou", "max")
+    cols = {h: i for i, h in enumerate(header)}
+    assert {"budget.forward_images", "budget.backward_images", "budget.train_seconds", "budget.seconds"} <= set(cols)
+    got = {r[cols["run"]]: (r[cols["budget.forward_images"]], r[cols["budget.seconds"]]) for r in rows}
+    assert got == {"a": (100.0, 2.5), "b": (300.0, 1.0)}
