@@ -80,7 +80,8 @@ def find_runs(root: Path) -> list[Run]:
         budget_file = folder / "budget.json"  # wall time, kept out of metrics.json (engine/budget.py)
         if run.metrics is not None and budget_file.is_file():
             total = json.loads(budget_file.read_text()).get("total") or {}
-            run.metrics.setdefault("budget", {}).update({k: total[k] for k in ("train_seconds", "seconds") if k in total})
+            seconds = {k: total[k] for k in ("train_seconds", "seconds") if k in total}
+            run.metrics.setdefault("budget", {}).update(seconds)
         runs.append(run)
     return runs
 

@@ -78,7 +78,8 @@ def test_metaseg_eval_records_the_tuned_choice_and_uses_it(tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     chosen = saved["tune"]["chosen"]
     assert len(saved["tune"]["grid"]) == 4 and saved["tune"]["datasets"] == ["synth_0", "synth_1", "synth_2", "synth_3"]
-    assert saved["protocol"]["adapt_lr"] == chosen["adapt_lr"] and saved["protocol"]["adapt_steps"] == chosen["adapt_steps"]
+    assert saved["protocol"]["adapt_lr"] == chosen["adapt_lr"]
+    assert saved["protocol"]["adapt_steps"] == chosen["adapt_steps"]
     assert all(d["adapted"]["adapt_lr"] == chosen["adapt_lr"] for d in saved["datasets"].values())
     assert set(saved["datasets"]) == {"synth_4", "synth_5"} and result["tune"] == saved["tune"]
 

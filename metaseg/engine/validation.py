@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from metaseg.engine.evaluate import evaluate_heldout, shot_list
+from metaseg.engine.evaluate import evaluate_heldout
 from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 
@@ -70,7 +70,3 @@ def log_validation(writer, result: dict, step: int) -> None:
     for key, value in (result.get("mean") or {}).items():
         if isinstance(value, float):
             writer.add_scalar(f"val/{key}", value, step)
-
-
-def has_adapted_scores(eval_cfg: Any) -> bool:
-    return bool(shot_list(eval_cfg)) and eval_cfg.episodes >= 1
