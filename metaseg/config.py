@@ -134,7 +134,7 @@ class TrainerConfig:
     resume_strict: bool = True  # refuse a checkpoint of another metaseg version or config (false: warn)
     deterministic: bool = False  # torch.use_deterministic_algorithms: same numbers on GPU too, slower
     deterministic_warn_only: bool = False  # warn (not stop) at an op without a deterministic kernel
-    best_metric: str = "val.mean.adapted_miou"  # result key (dotted) for best.pt and the objective; val.: validation tasks
+    best_metric: str = "val.mean.adapted_miou"  # result key for best.pt and the objective; val.: validation tasks
     patience: Optional[int] = None  # early stopping: evaluations without a better best_metric; null: never
     best_mode: str = "max"  # max | min
     monitor_tasks: int = 1  # fixed tasks whose query loss after 0..K inner steps is logged (0: off)
