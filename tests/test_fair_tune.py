@@ -92,3 +92,17 @@ def test_train_time_tune_records_the_choice(tmp_path):
     metrics = train(cfg, tmp_path)
     assert [r["adapt_lr"] for r in metrics["tune"]["grid"]] == [0.05, 0.2]
     assert metrics["protocol"]["adapt_lr"] == metrics["tune"]["chosen"]["adapt_lr"]
+
+
+def test_learned_step_sizes_compete_in_the_grid():
+    cfg = compose_cfg("train", [*TINY, "meta=metasgd", "eval.tune_lrs=[3.0]", "eval.tune_steps=[2]",
+                                "eval.tune_episodes=1"])
+    mix = build_mix(cfg.data, validation=True)
+    seed_everything(0)
+    learner = make_learner(build_model(cfg.model, mix.num_classes), cfg.meta, Precision("32"))
+    with torch.no_grad():  # learned step sizes far from 3.0, so the two points differ
+        for v in learner.step_sizes.values:
+            v.fill_(1e-6)
+    record = tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, torch.device("cpu"), 0)
+    assert [(r["adapt_lr"], r["adapt_steps"]) for r in record["grid"]] == [(None, 2), (3.0, 2)]
+    assert record["grid"][0]["score"] != record["grid"][1]["score"]

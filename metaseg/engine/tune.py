@@ -7,7 +7,9 @@ erm, or ``checkpoint=none``), goes through the same selection:
 
 1. for every ``adapt_steps`` in ``eval.tune_steps`` and ``adapt_lr`` in ``eval.tune_lrs``
    (that order), score the first k of ``eval.shots`` on the validation tasks of the training
-   datasets (:mod:`metaseg.engine.validation`; ``eval.tune_episodes`` episodes each);
+   datasets (:mod:`metaseg.engine.validation`; ``eval.tune_episodes`` episodes each); a
+   learner with learned step sizes (Meta-SGD, MAML++ LSLR) also tries them (``adapt_lr``
+   null, recorded as such), first, since a fixed ``adapt_lr`` replaces them;
 2. choose the grid point with the highest mean adapted mIoU over the validation datasets
    (the first one on a tie; NaN never wins);
 3. evaluate the held-out datasets with that choice.
@@ -72,23 +74,28 @@ def tune_adaptation(learner: MetaLearner, val: dict[str, Dataset], num_classes: 
         raise ConfigError(f"eval.tune_episodes={episodes} must be >= 1")
     check_validation_sizes(val, [k])
     rows = []
-    for lr, steps in tune_grid(eval_cfg):
-        res = evaluate_validation(learner, val, num_classes, eval_cfg, device, seed, classes, adapt_lr=lr,
-                                  adapt_steps=steps, episodes=episodes, shots=k)
+    grid: list[tuple[Optional[float], int]] = list(tune_grid(eval_cfg))
+    if getattr(learner, "step_sizes", None) is not None:  # learned step sizes compete as one more "lr"
+        grid = [(None, s) for s in dict.fromkeys(s for _, s in grid)] + grid
+    for lr, steps in grid:
+        res = evaluate_validation(learner, val, num_classes, tuned_eval_cfg(eval_cfg, {"chosen": {
+            "adapt_lr": lr, "adapt_steps": steps}}), device, seed, classes, episodes=episodes, shots=k)
         rows.append({"adapt_lr": lr, "adapt_steps": steps, "score": float(res["mean"]["adapted_miou"])})
-        log.info("tune: adapt_lr %g, adapt_steps %d: validation %d-shot mIoU %.4f", lr, steps, k, rows[-1]["score"])
+        log.info("tune: adapt_lr %s, adapt_steps %d: validation %d-shot mIoU %.4f", "learned" if lr is None else lr,
+                 steps, k, rows[-1]["score"])
     best = max(rows, key=lambda r: -math.inf if math.isnan(r["score"]) else r["score"])  # first on a tie
     chosen = {"adapt_lr": best["adapt_lr"], "adapt_steps": best["adapt_steps"]}
-    log.info("tune: chose adapt_lr %g, adapt_steps %d (validation mIoU %.4f)", chosen["adapt_lr"],
+    log.info("tune: chose adapt_lr %s, adapt_steps %d (validation mIoU %.4f)", chosen["adapt_lr"],
              chosen["adapt_steps"], best["score"])
     return {"metric": f"validation {METRIC} at {k} shots", "shots": k, "episodes": episodes,
             "datasets": list(val), "grid": rows, "chosen": chosen, "score": best["score"]}
 
 
 def tuned_eval_cfg(eval_cfg: Any, tuning: dict) -> Any:
-    """``eval_cfg`` with the chosen ``adapt_lr`` and ``adapt_steps``."""
+    """``eval_cfg`` with the chosen ``adapt_lr`` (null: the learned step sizes) and ``adapt_steps``."""
     cfg = copy.deepcopy(eval_cfg) if OmegaConf.is_config(eval_cfg) else OmegaConf.create(dict(eval_cfg))
+    lr = tuning["chosen"]["adapt_lr"]
     with open_dict(cfg):
-        cfg.adapt_lr = float(tuning["chosen"]["adapt_lr"])
+        cfg.adapt_lr = None if lr is None else float(lr)
         cfg.adapt_steps = int(tuning["chosen"]["adapt_steps"])
     return cfg
