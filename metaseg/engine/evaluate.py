@@ -192,7 +192,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         return result
 
     steps = cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps
-    lr = cfg.adapt_lr if cfg.adapt_lr is not None else learner.inner_lr
+    lr = cfg.adapt_lr if cfg.adapt_lr is not None else default_adapt_lr(learner)
     episodes: dict[int, list[dict]] = {k: [] for k in ks}
     query_size = min(n - largest, cap or n)
     for e, order in enumerate(orders):
@@ -230,12 +230,17 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     return result
 
 
+def default_adapt_lr(learner: MetaLearner) -> Optional[float]:
+    """``eval.adapt_lr`` null: the learner's learned step sizes (None, Meta-SGD / LSLR) if any, else alpha."""
+    return None if getattr(learner, "step_sizes", None) is not None else learner.inner_lr
+
+
 def protocol(cfg: Any, learner: MetaLearner, seed: int) -> dict:
     """The inputs that fix every number: recorded in ``eval.json`` next to the scores."""
     return {
         "mode": cfg.mode, "shots": shot_list(cfg), "episodes": cfg.episodes, "seed": seed,
         "adapt_steps": cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps,
-        "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else learner.inner_lr,
+        "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else default_adapt_lr(learner),
         "batch_size": cfg.batch_size, "max_images": cfg.max_images, "window": cfg.window, "stride": cfg.stride,
         "episode_rng": "numpy.random.default_rng([seed, zlib.crc32(dataset), episode]).permutation(n): "
                        "support = first k, query = the rest after the largest k",
