@@ -72,6 +72,9 @@ class DataConfig:
     cache: str = "memory"  # memory | disk: decoded, resized images kept in memory (and on disk)
     cache_dir: Optional[str] = None  # disk cache folder (cache: disk); null: .cache/metaseg
     workers: Optional[int] = None  # decoding threads; null: min(8, CPU count)
+    # meta-validation split of every training dataset (metaseg/data/splits.py): best.pt, patience, eval.tune
+    val_fraction: float = 0.2  # seeded fraction of each training dataset reserved for validation tasks
+    val_splits: List[str] = field(default_factory=lambda: ["val"])  # splits.csv values reserved instead
 
 
 @dataclass
@@ -113,6 +116,7 @@ class MetaConfig:
     query_from: str = "same"  # same | other: query batch from the task's dataset or another of the mix
     gamma: float = 1.0  # MLDG: weight of the cross-dataset loss L_j(theta')
     second_order_fallback: bool = False  # encoder without second derivatives: true trains first order, warning
+    init_from: Optional[str] = None  # start from a metaseg checkpoint or an encoder state dict (engine/init_from.py)
 
 
 @dataclass
@@ -130,7 +134,8 @@ class TrainerConfig:
     resume_strict: bool = True  # refuse a checkpoint of another metaseg version or config (false: warn)
     deterministic: bool = False  # torch.use_deterministic_algorithms: same numbers on GPU too, slower
     deterministic_warn_only: bool = False  # warn (not stop) at an op without a deterministic kernel
-    best_metric: str = "mean.adapted_miou"  # held-out result key (dotted) for best.pt and the objective
+    best_metric: str = "val.mean.adapted_miou"  # result key for best.pt and the objective; val.: validation tasks
+    patience: Optional[int] = None  # early stopping: evaluations without a better best_metric; null: never
     best_mode: str = "max"  # max | min
     monitor_tasks: int = 1  # fixed tasks whose query loss after 0..K inner steps is logged (0: off)
 
@@ -151,6 +156,21 @@ class EvalConfig:
     window: Optional[int] = None  # slide: square window side; null: the training size (the samples' size)
     stride: Optional[int] = None  # slide: window step; null: half the window
     pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
+    val_episodes: Optional[int] = None  # episodes per validation dataset (best.pt, tune); null: episodes
+    # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
+    tune: bool = False
+    tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    tune_steps: List[int] = field(default_factory=lambda: [3, 10])
+    tune_episodes: Optional[int] = None  # episodes per validation dataset per grid point; null: val_episodes
+
+
+@dataclass
+class PretrainConfig:
+    """A first stage before meta-training (engine/stages.py): the two-stage recipe in one run."""
+
+    steps: int = 0  # outer steps of the first stage; 0: none
+    algorithm: str = "erm"  # the first stage's algorithm (joint training by default)
+    checkpoint: str = "best"  # best (on validation tasks) | last: what the second stage starts from
 
 
 @dataclass
@@ -160,6 +180,7 @@ class TrainConfig:
     meta: MetaConfig = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     seed: int = 0
 
 

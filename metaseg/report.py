@@ -77,6 +77,11 @@ def find_runs(root: Path) -> list[Run]:
                 raise MetasegError(f"{metrics_file} is not valid JSON ({exc}); delete or re-run that run") from None
         else:
             run.status = "incomplete"
+        budget_file = folder / "budget.json"  # wall time, kept out of metrics.json (engine/budget.py)
+        if run.metrics is not None and budget_file.is_file():
+            total = json.loads(budget_file.read_text()).get("total") or {}
+            seconds = {k: total[k] for k in ("train_seconds", "seconds") if k in total}
+            run.metrics.setdefault("budget", {}).update(seconds)
         runs.append(run)
     return runs
 
@@ -143,6 +148,11 @@ def extra_columns(runs: Sequence[Run], metric: str) -> list[str]:
         for key, value in ((run.metrics or {}).get("mean") or {}).items():
             name = f"mean.{key}"
             if name != metric and name not in keys and isinstance(value, (int, float)):
+                keys.append(name)
+    for run in runs:  # both budget views: images processed and wall time
+        for key in ("forward_images", "backward_images", "train_seconds", "seconds"):
+            name = f"budget.{key}"
+            if name not in keys and key in ((run.metrics or {}).get("budget") or {}):
                 keys.append(name)
     return keys
 

@@ -149,5 +149,6 @@ def test_a_checkpoint_past_max_steps_or_missing_is_a_clear_error(tiny_cfg, two_s
 def test_a_checkpoint_without_training_state_is_refused(tiny_cfg, two_steps, tmp_path):
     ckpt = load_checkpoint(two_steps / "checkpoints" / "last.pt")
     save_checkpoint(tmp_path / "weights_only.pt", model=ckpt["model"], config=ckpt["config"], step=2)
-    with pytest.raises(CheckpointError, match=r"lacks \['meta_state', 'optimizer', 'scaler', 'sampler', 'best', 'rng'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"lacks \['meta_state', 'optimizer', 'scaler', 'sampler', 'best', 'budget', 'rng'\]"):
         train(tiny_cfg("trainer.max_steps=3", f"trainer.resume={tmp_path / 'weights_only.pt'}"), tmp_path / "x")

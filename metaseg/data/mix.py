@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
 from metaseg.data.labels import mix_classes
 from metaseg.data.sources import build_source
+from metaseg.data.splits import split_validation
 from metaseg.utils.errors import ConfigError
 
 
@@ -68,6 +69,8 @@ class Mix:
     heldout: dict[str, Dataset]
     parents: dict[str, str] = field(default_factory=dict)  # part name -> its entry of data.datasets
     task: str = "semantic"
+    val: dict[str, Dataset] = field(default_factory=dict)  # validation parts (build_mix(validation=True))
+    val_how: dict[str, str] = field(default_factory=dict)  # dataset -> how its validation images were chosen
 
     @property
     def num_classes(self) -> int:
@@ -102,8 +105,11 @@ def _check_names(cfg: Any, train: list[str], need_train: bool) -> None:
         )
 
 
-def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
+def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) -> Mix:
     """Build the datasets a ``DataConfig`` names; ``need_train=False`` builds held-out ones only.
+
+    ``validation=True`` reserves each training dataset's validation images
+    (:mod:`metaseg.data.splits`): ``Mix.train`` keeps the rest, ``Mix.val`` holds them.
 
     On-disk datasets are listed, checked, decoded and cached here, so bad data stops the run
     before its first step.
@@ -118,6 +124,8 @@ def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
     targets = task_classes(cfg, classes) if task == "binary_class" else []
     names = (train if need_train else []) + list(cfg.heldout)
     built: dict[str, dict[str, Dataset]] = {}
+    val_sets: dict[str, Dataset] = {}
+    val_how: dict[str, str] = {}
     for name in names:
         ds_cfg = cfg.datasets[name]
         source = build_source(name, ds_cfg, cfg, classes=classes, augment=need_train and name in train)
@@ -127,6 +135,11 @@ def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
             if len(ds) == 0:
                 raise ConfigError(f"dataset {part!r} has no images")
             ds = Normalized(ds, cfg.mean, cfg.std)
+            if validation and need_train and name in train:  # whole images, before any per-class split
+                ds, val_ds, val_how[part] = split_validation(part, ds, cfg)
+                if val_ds is not None:
+                    val_sets.update(split_by_class(part, val_ds, targets, classes) if task == "binary_class"
+                                    else {part: val_ds})
             out.update(split_by_class(part, ds, targets, classes) if task == "binary_class" else {part: ds})
         built[name] = out
     train_sets, weights, parents = {}, [], {}
@@ -145,4 +158,4 @@ def build_mix(cfg: Any, *, need_train: bool = True) -> Mix:
             heldout[part] = ds
             parents[part] = name
     out_classes = list(BINARY_CLASSES) if task == "binary_class" else classes
-    return Mix(out_classes, train_sets, weights, heldout, parents, task)
+    return Mix(out_classes, train_sets, weights, heldout, parents, task, val_sets, val_how)

@@ -36,7 +36,7 @@ LAST, BEST = "last.pt", "best.pt"
 MAY_DIFFER_ON_RESUME = (
     "trainer.resume", "trainer.resume_strict", "trainer.max_steps", "trainer.device", "trainer.threads",
     "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.deterministic",
-    "trainer.deterministic_warn_only", "trainer.monitor_tasks",
+    "trainer.deterministic_warn_only", "trainer.monitor_tasks", "trainer.patience",
     "eval.*", "data.root", "data.datasets.*.root",
 )
 

@@ -25,6 +25,7 @@ from metaseg.engine.checkpoint import load_checkpoint
 from metaseg.engine.eval_report import write_reports
 from metaseg.engine.evaluate import evaluate_heldout, validate_eval
 from metaseg.engine.heads import NewHeadLearner, load_body
+from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import CheckpointError, ConfigError
@@ -97,11 +98,12 @@ def checkpoint_model(ckpt: dict, train_cfg: Any, classes: Sequence[str], path: s
 
 
 def _from_checkpoint(cfg: Any):
-    """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state)."""
+    """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state,
+    the checkpoint's training data config)."""
     ckpt, train_cfg = read_checkpoint(cfg.checkpoint)
     mix = heldout_mix(heldout_data(cfg.data, train_cfg.data))
     model, head = checkpoint_model(ckpt, train_cfg, mix.classes, str(cfg.checkpoint))
-    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state")
+    return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state"), train_cfg.data
 
 
 def check_baseline(data_cfg: Any, model_cfg: Any) -> None:
@@ -127,7 +129,7 @@ def _random_init(cfg: Any):
     mix = heldout_mix(cfg.data)
     model = build_model(cfg.model, mix.num_classes)
     return (model, cfg.model, baseline_meta(cfg), mix, None,
-            {"kind": "random", "checkpoint_classes": None, "init": None}, None)
+            {"kind": "random", "checkpoint_classes": None, "init": None}, None, cfg.data)
 
 
 def adaptation_learner(model: nn.Module, meta_cfg: Any, precision: Precision, head: dict,
@@ -144,16 +146,27 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     validate_eval(cfg.eval)
     seed_everything(cfg.seed)
     baseline = is_baseline(cfg.checkpoint)
-    model, model_cfg, meta_cfg, mix, step, head, meta_state = \
+    model, model_cfg, meta_cfg, mix, step, head, meta_state, train_data = \
         _random_init(cfg) if baseline else _from_checkpoint(cfg)
     device = resolve_device(cfg.device)
     learner = adaptation_learner(model.to(device), meta_cfg, Precision(cfg.precision, device.type), head,
                                  meta_state)
+    eval_cfg, tuning = cfg.eval, None
+    if cfg.eval.tune:  # adapt_lr and adapt_steps chosen on the training datasets' validation tasks (engine/tune.py)
+        if head["kind"] == "new":
+            raise ConfigError("eval.tune=true tunes on the checkpoint's own validation tasks, but the held-out "
+                              "label space differs from the checkpoint's (new head); pass eval.adapt_lr and "
+                              "eval.adapt_steps instead")
+        val = build_mix(train_data, validation=True).val
+        tuning = tune_adaptation(learner, val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+        eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
     log.info("evaluating %s on %s: k in %s, %d episodes, %s mode", "a random init (checkpoint=none)" if baseline
              else cfg.checkpoint, list(mix.heldout), cfg.eval.shots, cfg.eval.episodes, cfg.eval.mode)
-    result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+    result = evaluate_heldout(learner, mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
     pictures, seconds = result.pictures, result.seconds
     result = dict(result)
+    if tuning is not None:
+        result["tune"] = tuning
     result["seconds"] = seconds  # wall time per dataset (not reproducible, unlike everything else)
     result["head"] = head
     result["checkpoint"] = NO_CHECKPOINT if baseline else str(cfg.checkpoint)

@@ -242,8 +242,9 @@ def markdown_report(result: dict) -> str:
         step = f" (step {result['step']})" if result.get("step") is not None else ""
         out.append(f"- checkpoint: `{result['checkpoint']}`{step}, {what}")
     if p:
+        lr = p['adapt_lr'] if p['adapt_lr'] is not None else "learned"
         out.append(f"- protocol: `{p['mode']}` mode; k in {p['shots']}; {p['episodes']} episodes per k; "
-                   f"adaptation: {p['adapt_steps']} SGD step{'' if p['adapt_steps'] == 1 else 's'} at lr {p['adapt_lr']}; "
+                   f"adaptation: {p['adapt_steps']} SGD step{'' if p['adapt_steps'] == 1 else 's'} at lr {lr}; "
                    f"seed {p['seed']}")
     out.append("- numbers in percent. Zero-shot: one score on every image. k-shot: mean ± 95% CI "
                "(1.96 s/√episodes) over episodes, each adapting on k images and scoring the rest.")

@@ -144,13 +144,6 @@ def score(model: nn.Module, dataset: Dataset, indices: Sequence[int], num_classe
     return out
 
 
-def adapt_lr_used(cfg: Any, learner: MetaLearner):
-    """The inner step size adaptation uses: ``eval.adapt_lr``, else alpha, or "learned" (Meta-SGD)."""
-    if cfg.adapt_lr is not None:
-        return cfg.adapt_lr
-    return "learned" if getattr(learner, "step_sizes", None) is not None else learner.inner_lr
-
-
 def episode_rng(seed: int, dataset: str, episode: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(dataset.encode()), episode])
 
@@ -203,8 +196,8 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         return result
 
     steps = cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps
-    lr = cfg.adapt_lr  # None: the learner's own step sizes (alpha, or Meta-SGD's learned ones)
-    episodes: dict[int, list] = {k: [] for k in ks}
+    lr = cfg.adapt_lr if cfg.adapt_lr is not None else default_adapt_lr(learner)
+    episodes: dict[int, list[dict]] = {k: [] for k in ks}
     query_size = min(n - largest, cap or n)
     for e in episode_share(len(orders)):  # under torchrun each process runs every world_size-th episode
         order = orders[e]
@@ -228,7 +221,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     summaries = {}
     for k in ks:
         eps = episodes[k]
-        summary = {"shots": k, "episodes": len(eps), "adapt_steps": steps, "adapt_lr": adapt_lr_used(cfg, learner),
+        summary = {"shots": k, "episodes": len(eps), "adapt_steps": steps, "adapt_lr": lr,
                    "scored": query_size}
         summary.update(_summarize(eps, num_classes))
         summary["image"] = _summarize([ep["image"] for ep in eps], num_classes)
@@ -243,12 +236,17 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     return result
 
 
+def default_adapt_lr(learner: MetaLearner) -> Optional[float]:
+    """``eval.adapt_lr`` null: the learner's learned step sizes (None, Meta-SGD / LSLR) if any, else alpha."""
+    return None if getattr(learner, "step_sizes", None) is not None else learner.inner_lr
+
+
 def protocol(cfg: Any, learner: MetaLearner, seed: int) -> dict:
     """The inputs that fix every number: recorded in ``eval.json`` next to the scores."""
     return {
         "mode": cfg.mode, "shots": shot_list(cfg), "episodes": cfg.episodes, "seed": seed,
         "adapt_steps": cfg.adapt_steps if cfg.adapt_steps is not None else learner.inner_steps,
-        "adapt_lr": adapt_lr_used(cfg, learner),
+        "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else default_adapt_lr(learner),
         "batch_size": cfg.batch_size, "max_images": cfg.max_images, "window": cfg.window, "stride": cfg.stride,
         "episode_rng": "numpy.random.default_rng([seed, zlib.crc32(dataset), episode]).permutation(n): "
                        "support = first k, query = the rest after the largest k",

@@ -25,11 +25,17 @@ from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine import distributed
 from metaseg.engine.best import BestTracker
+from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
+from metaseg.engine.init_from import initialise
+from metaseg.engine.stages import STAGE_DIR, pretrain_stage
+from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
+from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
+from metaseg.data.splits import check_validation_sizes
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError
@@ -54,10 +60,13 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if t.best_mode not in ("max", "min"):
         raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
-    if t.best_metric.startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
+    if t.best_metric.removeprefix("val.").startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
         raise ConfigError(f"trainer.best_metric={t.best_metric!r} needs adapted scores, but eval.shots={e.shots} "
                           f"and eval.episodes={e.episodes}: raise both to >= 1 or pick trainer.best_metric="
                           f"mean.zero_shot_miou")
+    if t.patience is not None and (t.patience < 1 or not t.eval_every):
+        raise ConfigError(f"trainer.patience={t.patience} needs a value >= 1 and trainer.eval_every > 0 "
+                          f"(evaluations to wait), or null")
     if t.monitor_tasks < 0:
         raise ConfigError(f"trainer.monitor_tasks={t.monitor_tasks} must be >= 0")
     if len(cfg.data.mean) != cfg.model.in_channels or len(cfg.data.std) != cfg.model.in_channels:
@@ -82,11 +91,19 @@ def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
         writer.add_image(f"predictions/{name}", grid, step)
 
 
+def stop_early(trainer_cfg, best: BestTracker, step: int) -> bool:
+    """``trainer.patience`` evaluations have passed since the best one (restartable: reads the tracker)."""
+    if not trainer_cfg.patience or best.step is None:
+        return False
+    return (step - best.step) >= trainer_cfg.patience * trainer_cfg.eval_every
+
+
 @honours_determinism
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Meta-train as ``cfg`` says, writing checkpoints, tensorboard and metrics under ``run_dir``."""
     run_dir = Path(run_dir)
     validate(cfg)
+    cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -105,11 +122,17 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     precision = Precision(cfg.trainer.precision, device.type)
     meta = cfg.meta
 
-    mix = build_mix(cfg.data)
+    mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/validation.py)
+    check_selection_metric(cfg.trainer.best_metric, mix.val, mix.heldout)
+    if cfg.eval.episodes >= 1:
+        check_validation_sizes(mix.val, shot_list(cfg.eval))
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     sampler.shard(ctx.rank, ctx.world_size)  # same stream on every rank, each loads its slice
     check_heldout_sizes(mix.heldout, cfg.eval)
-    model = build_model(cfg.model, mix.num_classes).to(device)
+    model = build_model(cfg.model, mix.num_classes)
+    if meta.init_from:  # before resume, which overwrites it with the run's own state
+        initialise(model, meta.init_from, mix.classes)
+    model = model.to(device)
     learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
     if ctx.world_size > 1:
         learner.grad_sync = distributed.GradSync()
@@ -117,10 +140,11 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     scaler = precision.grad_scaler()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     best = BestTracker(cfg.trainer.best_metric, cfg.trainer.best_mode)
+    budget = Budget(model)  # images through forward/backward passes and seconds of the outer steps
     # Everything a checkpoint restores; an algorithm with state of its own adds an entry here.
     # The learner's own state (Meta-SGD's step sizes) loads before the optimizer that updates it.
     stateful = {"model": model, "meta_state": learner, "optimizer": optimizer, "scaler": scaler,
-                "sampler": sampler, "best": best}
+                "sampler": sampler, "best": best, "budget": budget}
     monitor = InnerLoopMonitor(sampler, cfg.trainer.monitor_tasks, cfg.seed, device) \
         if cfg.trainer.monitor_tasks and ctx.main else None
     start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)  # every rank reads the same file
@@ -138,11 +162,22 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
         for name in names:
             save_checkpoint(checkpoint_dir(run_dir) / name, **state, step=step, config=resolved, classes=mix.classes)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, final: bool = False) -> dict:
         with rng_isolated():
-            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+            eval_cfg = cfg.eval
+            if final and cfg.eval.tune:  # the final held-out scores with adaptation tuned on validation tasks
+                tuning = tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
+                eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
+            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
+            if final and cfg.eval.tune:
+                result["tune"] = tuning
             if writer is not None:
                 _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
+            if mix.val:
+                result["val"] = evaluate_validation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed,
+                                                    mix.classes)
+                if writer is not None:
+                    log_validation(writer, result["val"], step)
         return result
 
     log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
@@ -163,7 +198,8 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
         for step in bar:
             log_now = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
             # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
-            stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
+            with budget.counting():
+                stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
 
             if log_now and writer is not None:
                 elapsed = time.perf_counter() - t0
@@ -184,15 +220,20 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
             # evaluate before saving, so a checkpoint's best-so-far includes this step's score
             improved = False
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.max_steps:
-                improved = bool(mix.heldout) and best.update(evaluate(step), step)
+                improved = bool(mix.heldout or mix.val) and best.update(evaluate(step), step)
+                if not improved and stop_early(cfg.trainer, best, step):
+                    log.info("no better %s for %s evaluations: stopping early at step %d",
+                             best.metric, cfg.trainer.patience, step)
+                    break  # the final evaluation and checkpoint below run at this step
             due = step % cfg.trainer.ckpt_every == 0 and step != cfg.trainer.max_steps
             checkpoint(step, *([LAST] if due else []), *([BEST] if improved else []))
             kill_if_requested(step)
 
-        step = cfg.trainer.max_steps
-        result, improved = evaluate(step), False
+        else:
+            step = cfg.trainer.max_steps
+        result, improved = evaluate(step, final=True), False
         try:
-            improved = bool(mix.heldout) and best.update(result, step)
+            improved = bool(mix.heldout or mix.val) and best.update(result, step)
         finally:  # the final weights are kept even when trainer.best_metric names no result key
             checkpoint(step, LAST, *([BEST] if improved else []))
     finally:
@@ -201,10 +242,12 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     # metrics.json holds only what the seed and config determine: two runs give identical files
     metrics = {"step": step, **result, "best": best.summary()}
-    metrics["objective"] = best.value_of(result) if mix.heldout else float("nan")
+    metrics["objective"] = best.value_of(result) if mix.heldout or mix.val else float("nan")
     distributed.barrier()  # every rank has finished before rank 0 reports the run done
     if not ctx.main:
         return {**metrics, "seconds": seconds}
+    spent = write_budget(run_dir, budget, seconds, {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
+    metrics["budget"] = {k: v for k, v in spent["total"].items() if not k.endswith("seconds")}
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
                                          "processes": ctx.world_size,
