@@ -21,7 +21,7 @@ from tests.data_fixtures import SHARED_DATA
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "retina_drive").is_dir(),
                                 reason=f"real datasets not found at {SHARED_DATA}")
 ROOT = f"data.root={SHARED_DATA}"
-TINY_DATA = ["data.max_images=6", "data.size=32", "data.workers=2"]
+TINY_DATA = ["data.max_images=10", "data.val_fraction=0.3", "data.size=32", "data.workers=2"]  # 3 validation images
 TINY_RUN = ["meta.shots=2", "meta.query=2", "meta.inner_steps=1", "meta.meta_batch=2", "trainer.max_steps=2",
             "trainer.eval_every=0", "trainer.device=cpu", "eval.shots=2", "eval.episodes=1",
             "model.extra.decoder_channels=[16,8,8]"]
@@ -79,7 +79,7 @@ def test_metaseg_data_summarises_and_draws_retina_lodo(tmp_path):
     assert {n: d["role"] for n, d in summary["datasets"].items()} == {
         "retina_stare": "train", "retina_chasedb1": "train", "retina_drive": "heldout"}
     assert summary["datasets"]["retina_drive"]["size_min"] == [565, 584]
-    assert sum(summary["datasets"]["retina_drive"]["splits"].values()) == 6
+    assert sum(summary["datasets"]["retina_drive"]["splits"].values()) == 10
     grid = Image.open(tmp_path / "D" / "samples.png")
     assert grid.size == (3 * 130 + 2, 3 * 130 + 2)
 
@@ -109,7 +109,7 @@ def test_retina_lodo_checkpoint_evaluates_through_the_command(lodo_run, tmp_path
                   "eval.episodes=2", f"hydra.run.dir={tmp_path / 'E'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "E" / "eval.json").read_text())
-    assert result["head"]["kind"] == "checkpoint" and result["datasets"]["retina_drive"]["images"] == 6
+    assert result["head"]["kind"] == "checkpoint" and result["datasets"]["retina_drive"]["images"] == 10
     assert len(result["datasets"]["retina_drive"]["adapted"]["per_episode"]) == 2
 
 
