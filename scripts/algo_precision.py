@@ -20,24 +20,19 @@ import sys
 import torch
 
 from metaseg.config import ModelConfig
-from metaseg.data.synthetic import render
+from metaseg.data.synthetic import synthetic_task
 from metaseg.meta import ALGORITHMS, MetaLearner, Precision
 from metaseg.models import build_model
 
 SMALL = ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 
 
-def shapes_task(n=4, size=32):
-    def batch(idx):
-        ims, ms = zip(*[render(0, 1, i, size) for i in idx])
-        return (torch.stack(ims) - 0.5) / 0.25, torch.stack(ms)
-    return batch(range(n)), batch(range(n, 2 * n))
 
 
 def meta_grad(name, precision, steps, device):
     torch.manual_seed(0)
     model = build_model(SMALL, 4).to(device)
-    support, query = [tuple(t.to(device) for t in b) for b in shapes_task()]
+    support, query = [tuple(t.to(device) for t in b) for b in synthetic_task()]
     learner = MetaLearner.create(name, model, inner_lr=0.05, inner_steps=steps, precision=precision)
     loss = learner.outer_loss(support, query)
     (loss * precision.scale).backward()

@@ -434,10 +434,10 @@ def test_every_algorithm_is_reachable_from_metalearner():
 def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient():
     from metaseg.config import ModelConfig
     from metaseg.models import build_model
-    from tests.test_precision import shapes_task
+    from metaseg.data.synthetic import synthetic_task
     torch.manual_seed(0)
     model = build_model(ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]}), 4).double()
-    support, query = [(x.double(), y) for x, y in shapes_task(n=2)]
+    support, query = [(x.double(), y) for x, y in synthetic_task(n=2)]
     calls = []
     model.encoder.conv1.register_forward_hook(lambda *a: calls.append(1))  # runs only when computed
     learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # reuse is the func backend's

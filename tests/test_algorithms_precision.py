@@ -11,10 +11,11 @@ import copy
 import pytest
 import torch
 
-from metaseg.meta import OuterSettings, MetaLearner, Precision
+from metaseg.data.synthetic import synthetic_task
+from metaseg.meta import MetaLearner, OuterSettings, Precision
 from metaseg.models import build_model
 from tests.test_meta_gradient import task, tiny_net
-from tests.test_precision import SMALL, close, shapes_task
+from tests.test_precision import SMALL, close
 
 OTHERS = ["fomaml", "anil", "metasgd", "reptile", "mldg", "erm"]
 TOL = {"bf16": {"cos": 0.9, "ratio": 0.2, "loss": 0.02}, "16": {"cos": 0.95, "ratio": 0.1, "loss": 0.01}}
@@ -32,7 +33,7 @@ def fp16_on_cpu() -> bool:
 def meta_grad(name, precision):
     torch.manual_seed(0)
     model = build_model(SMALL, 4)
-    support, query = shapes_task()
+    support, query = synthetic_task()
     learner = MetaLearner.create(name, model, inner_lr=0.05, inner_steps=1, precision=precision)
     loss = learner.outer_loss(support, query)
     (loss * precision.scale).backward()  # what GradScaler does to the outer loss
@@ -91,7 +92,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale_without_counting_dive
 def test_bf16_adapt_is_close_to_fp32():
     torch.manual_seed(0)
     model = build_model(SMALL, 4)
-    support, _ = shapes_task()
+    support, _ = synthetic_task()
     a32 = MetaLearner(model, inner_lr=0.05, inner_steps=2).adapt(*support)
     abf = MetaLearner(copy.deepcopy(model), inner_lr=0.05, inner_steps=2, precision=Precision("bf16")).adapt(*support)
     with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from metaseg.config import ModelConfig
+from metaseg.data.synthetic import synthetic_task
 from metaseg.meta import MetaLearner, Precision
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
@@ -11,20 +12,12 @@ from metaseg.utils.errors import ConfigError
 SMALL = ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 
 
-def shapes_task(n=4, size=32):
-    """A real (synthetic-domain) task: random-label noise would make every gradient ill-conditioned."""
-    from metaseg.data.synthetic import render
-
-    def batch(idx):
-        ims, ms = zip(*[render(0, 1, i, size) for i in idx])
-        return (torch.stack(ims) - 0.5) / 0.25, torch.stack(ms)
-    return batch(range(n)), batch(range(n, 2 * n))
 
 
 def grads(precision, device="cpu", steps=2):
     torch.manual_seed(0)
     model = build_model(SMALL, 4).to(device)
-    support, query = shapes_task()
+    support, query = synthetic_task()
     support = tuple(t.to(device) for t in support)
     query = tuple(t.to(device) for t in query)
     learner = MetaLearner(model, inner_lr=0.05, inner_steps=steps, precision=precision)
