@@ -95,6 +95,7 @@ class MetaConfig:
 
     algorithm: str = "maml"
     backend: str = "higher"  # inner loop on higher (default) | func (torch.func.functional_call)
+    checkpoint_inner: bool = False  # second order: recompute each inner step in the outer backward (less memory)
     inner_lr: float = 0.1  # alpha: inner-loop SGD step size
     outer_lr: float = 1e-3  # beta: outer-loop Adam step size
     inner_steps: int = 3  # K: inner SGD steps per task

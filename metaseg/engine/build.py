@@ -60,6 +60,10 @@ def validate_meta(m: Any) -> None:
     if m.inner_lr_per_step and not (m.learn_inner_lr or name == "metasgd"):
         raise ConfigError("meta.inner_lr_per_step=true needs learned step sizes: set meta.learn_inner_lr=true "
                           "(or meta=metasgd)")
+    if m.checkpoint_inner and (m.first_order or name in FIRST_ORDER_ONLY or name == "mldg"):
+        raise ConfigError(f"meta.checkpoint_inner=true saves memory of second-order inner steps, which "
+                          f"meta.algorithm={name} (first_order={m.first_order}) does not take (MLDG keeps its first "
+                          f"support graph); set meta.checkpoint_inner=false")
     if name == "mldg" and m.inner_steps < 1:
         raise ConfigError("meta.inner_steps=0: MLDG needs at least one inner step (its D_i loss is the first)")
 
@@ -75,7 +79,7 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
     validate_meta(m)
     kwargs: dict[str, Any] = dict(
         inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order, precision=precision,
-        backend=m.backend,
+        backend=m.backend, checkpoint_inner=m.checkpoint_inner,
         inner_params=list(m.inner_params) or None, multi_step_loss=m.multi_step_loss,
         msl_anneal_steps=m.msl_anneal_steps, first_order_until=m.first_order_until,
         outer=OuterSettings(lr=m.outer_lr, meta_batch=m.meta_batch, schedule=m.outer_lr_schedule,

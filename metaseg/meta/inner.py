@@ -3,9 +3,16 @@
 Two backends run the model with fast weights: ``higher`` (default; :class:`HigherInnerLoop`,
 higher's ``monkeypatch``ed functional module called with ``params=``) and ``func``
 (:class:`InnerLoop`, ``torch.func.functional_call``). Both feed the same SGD step below, so
-they give the same numbers (``tests/test_backends.py``); ``func`` additionally reuses the
-outputs of modules with no adapted parameter (ANIL), which higher's patched copy of the
-model cannot.
+they give the same numbers (``tests/test_backends.py``); both reuse the outputs of modules
+with no adapted parameter (ANIL): ``func`` memoises the model's modules, ``higher`` the
+matching modules of its patched copy.
+
+``checkpointed_step`` is the memory saver for long second-order loops
+(``meta.checkpoint_inner``): a whole inner step (forward, gradient with its graph, update)
+runs under non-reentrant activation checkpointing, so its activations are dropped and
+recomputed during the outer backward. Checkpointing only the forward would save nothing:
+the inner gradient taken with ``create_graph=True`` recomputes it at once and its
+double-backward graph keeps the recomputed activations until the outer backward.
 
 Fast weights are a dict ``name -> tensor`` run through the model with
 ``torch.func.functional_call``, so one step is plain autograd:
@@ -42,6 +49,7 @@ import higher.patch
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from metaseg.meta.precision import Precision
 from metaseg.utils.errors import ConfigError
@@ -228,6 +236,22 @@ class InnerLoop:
                 new[name] = params[name] - lr * g
         return new
 
+    def checkpointed_step(self, params: Params, batch: tuple[torch.Tensor, torch.Tensor], rate: RateFn
+                          ) -> tuple[Params, torch.Tensor]:
+        """``loss_at`` then a second-order ``step``, recomputed in the outer backward instead of stored.
+
+        Same values and meta-gradients as the two calls (``tests/test_bench_scripts.py``); the
+        graph kept per step shrinks to its inputs and outputs (the fast weights), so
+        second-order memory stops growing with the activations of every step. Costs one more
+        forward and inner backward per step. Run it outside :meth:`reusing`: a memoised
+        output would be missing from the recomputation.
+        """
+        def run(fast: Params):
+            loss = self.loss_at(fast, *batch)
+            return self.step(fast, loss, rate, create_graph=True), loss
+
+        return checkpoint(run, params, use_reentrant=False)
+
     def detached(self) -> Params:
         """A copy of theta to adapt without any meta-gradient: fresh leaves for the inner names."""
         out = self._buffers()
@@ -251,9 +275,12 @@ class HigherInnerLoop(InnerLoop):
 
     def set_model(self, model: nn.Module) -> None:
         super().set_model(model)
-        self.frozen = []  # higher's copy calls its own modules: nothing to memoise
         self.param_names = [n for n, _ in model.named_parameters()]
         self.fmodel = higher.monkeypatch(model, copy_initial_weights=False, track_higher_grads=False)
+        # higher's copy calls its own modules: memoise those matching the frozen ones. Their
+        # fast weights are theta at every step, so an output depends on its input alone.
+        names = {id(m): n for n, m in model.named_modules()}
+        self.frozen = [self.fmodel.get_submodule(names[id(m)]) for m in self.frozen]
 
     def _buffers(self) -> Params:
         higher.patch.buffer_sync(self.model, self.fmodel)

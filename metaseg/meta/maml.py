@@ -25,6 +25,7 @@ The inner loop is :mod:`metaseg.meta.inner`: higher's functional module by defau
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, Optional, Sequence
 
@@ -80,6 +81,7 @@ class MetaLearner(Algorithm):
         first_order_until: int = 0,
         outer: Optional[OuterSettings] = None,
         backend: str = "higher",
+        checkpoint_inner: bool = False,
     ):
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -92,6 +94,7 @@ class MetaLearner(Algorithm):
         patterns = self.default_inner_params if inner_params is None else inner_params
         self.inner_names = select_parameters(model, patterns)
         self.inner = make_inner_loop(backend, model, self.loss, self.precision, self.inner_names)
+        self.checkpoint_inner = bool(checkpoint_inner)  # second-order steps recomputed in the outer backward
         self.step_sizes = step_sizes
         self.multi_step_loss = bool(multi_step_loss)
         self.msl_anneal_steps = int(msl_anneal_steps)
@@ -138,12 +141,17 @@ class MetaLearner(Algorithm):
         weights = multi_step_weights(step, self.inner_steps, self.msl_anneal_steps) if self.multi_step_loss else None
         fast: Params = self.inner.theta()
         support_losses, weighted = [], []
-        with self.inner.reusing():
+        saving = self.checkpoint_inner and not first_order  # memory saver: no memo (see checkpointed_step)
+        with contextlib.nullcontext() if saving else self.inner.reusing():
             for k in range(self.inner_steps):
-                loss = self.inner.loss_at(fast, *support)
-                support_losses.append(loss)
-                fast = self.inner.step(fast, loss, self.rate(k), create_graph=not first_order,
-                                       retain_graph=self.keeps_support_graph and k == 0)
+                if saving:
+                    fast, loss = self.inner.checkpointed_step(fast, support, self.rate(k))
+                    support_losses.append(loss)
+                else:
+                    loss = self.inner.loss_at(fast, *support)
+                    support_losses.append(loss)
+                    fast = self.inner.step(fast, loss, self.rate(k), create_graph=not first_order,
+                                           retain_graph=self.keeps_support_graph and k == 0)
                 if weights is not None and k < self.inner_steps - 1 and weights[k] > 0:
                     weighted.append(weights[k] * self.inner.loss_at(fast, *query))
             query_loss = self.inner.loss_at(fast, *query)
