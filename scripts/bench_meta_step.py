@@ -25,8 +25,10 @@ peers' table in issue 7: ``VmHWM`` of ``/proc/self/status``, else ``getrusage`` 
 (CUDA); ratio to plain's. Below the table, the issue's targets with the measured value.
 
 ``--grid`` prints the cost-growth table instead: for every image size of ``--grid-sizes``
-and K of ``--grid-k``, plain and every ALGO/BACKEND in a fresh subprocess each (one warm-up
-step, REPS timed steps, peak memory of that process).
+and K of ``--grid-k``, plain and every ALGO/BACKEND (one warm-up step, REPS timed steps,
+peak memory); one fresh subprocess per configuration and size runs its K values in
+increasing order (its high-water mark at K is the peak at K: memory does not shrink as K
+grows).
 
 ``--data-path`` times the data path instead: a meta-step drawing its task from the real
 loader (``data=binary_mix``, images under ``--data-root``, augmentation on) against the
@@ -269,18 +271,29 @@ def run_memory_of(a: argparse.Namespace) -> dict:
     return {"config": a.memory_of, "peak_bytes": peak_bytes(device)}
 
 
-def run_cell(a: argparse.Namespace) -> dict:
-    """One grid cell in this fresh process: warm-up, REPS timed steps, peak memory."""
+def run_cell(a: argparse.Namespace) -> list[dict]:
+    """One configuration at one image size, for every K of ``--grid-k`` in increasing order, in
+    this fresh process: a warm-up step, REPS timed steps and the peak memory per K.
+
+    On CPU the peak is the process's high-water mark so far: memory does not shrink as K
+    grows (a longer loop keeps at least as much), so it is the peak at this K. On CUDA the
+    allocator's peak is reset before each K.
+    """
     device, precision = setup(a)
     model = make_model(a, len(CLASSES)).to(device)
-    fn = make_step(a.cell, a, model, make_task(a, device), precision)
-    del model
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed(fn, device)
-    times = [timed(fn, device) for _ in range(a.reps)]
-    return {"config": a.cell, "size": a.size, "k": a.inner_steps, "seconds": statistics.median(times),
-            "min": min(times), "max": max(times), "peak_bytes": peak_bytes(device)}
+    task = make_task(a, device)
+    rows = []
+    for k in sorted(a.grid_k):
+        a.inner_steps = k
+        fn = make_step(a.cell, a, model, task, precision)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timed(fn, device)
+        times = [timed(fn, device) for _ in range(a.reps)]
+        rows.append({"config": a.cell, "size": a.size, "k": k, "seconds": statistics.median(times),
+                     "min": min(times), "max": max(times), "peak_bytes": peak_bytes(device)})
+        del fn
+    return rows
 
 
 def child(argv: list[str], extra: list[str]) -> dict:
@@ -399,13 +412,12 @@ def run_grid(a: argparse.Namespace, argv: list[str]) -> dict:
     print("| configuration | size | K | s / meta-step | vs plain | peak MiB | memory vs plain |")
     print("|---|---|---|---|---|---|---|")
     for size in a.grid_sizes:
-        for k in a.grid_k:
-            cell = {}
+        cells = {name: child(base, ["--size", str(size), "--cell", name]) for name in names}
+        for i, k in enumerate(sorted(a.grid_k)):
+            p = cells["plain"][i]
             for name in names:
-                r = child(base, ["--size", str(size), "--inner-steps", str(k), "--cell", name])
-                cell[name] = r
+                r = cells[name][i]
                 rows.append(r)
-                p = cell["plain"]
                 print(f"| {name} | {size} | {k} | {r['seconds']:.3f} | {ratio(r['seconds'], p['seconds'])} | "
                       f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r['peak_bytes'], p['peak_bytes'])} |", flush=True)
     return {"mode": "grid", "rows": rows}
@@ -426,9 +438,12 @@ def run_data_path(a: argparse.Namespace) -> dict:
     t = time.perf_counter()
     mix = build_mix(cfg.data)
     build_seconds = time.perf_counter() - t
+    # a second copy of the mix preloads the tasks: augmentation draws from each dataset's own
+    # generator, so the copy yields exactly the tasks the real loader will (checked at the end)
+    mix_ref = build_mix(cfg.data)
 
-    def sampler():
-        return TaskSampler(mix.train, mix.weights, a.shots, a.query, seed=a.seed)
+    def sampler(m=mix):
+        return TaskSampler(m.train, m.weights, a.shots, a.query, seed=a.seed)
 
     class Replay:  # the tasks the real sampler draws, decoded and augmented beforehand
         def __init__(self, tasks):
@@ -438,10 +453,10 @@ def run_data_path(a: argparse.Namespace) -> dict:
             return next(self.tasks)
 
     n = a.reps + 1
-    reference = sampler()
+    reference = sampler(mix_ref)
     preloaded = [reference.sample() for _ in range(n)]
     load_times = []
-    probe = sampler()
+    probe = sampler(mix_ref)  # the loader alone, on the copy (its stream is not the real run's)
     for _ in range(n):
         load_times.append(timed(probe.sample, torch.device("cpu")))
     model = make_model(a, mix.num_classes).to(device)
@@ -455,9 +470,13 @@ def run_data_path(a: argparse.Namespace) -> dict:
     real, pre = learner(), learner()
     real_sampler, replay = sampler(), Replay(preloaded)
     times = {"real loader": [], "preloaded": []}
-    for i in range(n):  # step 1 is the warm-up of both
-        tr = timed(lambda: real[0].meta_step(real_sampler, real[1], real[2], i + 1, device=device), device)
-        tp = timed(lambda: pre[0].meta_step(replay, pre[1], pre[2], i + 1, device=device), device)
+    for i in range(n):  # step 1 is the warm-up of both; the order alternates, so neither always goes first
+        run_real = lambda: real[0].meta_step(real_sampler, real[1], real[2], i + 1, device=device)  # noqa: E731
+        run_pre = lambda: pre[0].meta_step(replay, pre[1], pre[2], i + 1, device=device)  # noqa: E731
+        if i % 2:
+            tp, tr = timed(run_pre, device), timed(run_real, device)
+        else:
+            tr, tp = timed(run_real, device), timed(run_pre, device)
         if i:
             times["real loader"].append(tr)
             times["preloaded"].append(tp)
@@ -473,7 +492,7 @@ def run_data_path(a: argparse.Namespace) -> dict:
     print(f"\nadded by the loader: {100 * added:+.1f}% of a meta-step (difference of medians); "
           f"TaskSampler.sample alone: {load:.4f} s = {100 * load / med['preloaded']:.1f}% of the preloaded step; "
           f"decoding every image once when the mix is built: {build_seconds:.1f} s (not per step); "
-          f"same weights after both runs: {same}")
+          f"same tasks and weights in both runs: {same}")
     return {"mode": "data_path", "seconds": med, "added_fraction": added, "sample_seconds": load,
             "sample_fraction": load / med["preloaded"], "build_seconds": build_seconds, "same_weights": same}
 

@@ -135,3 +135,17 @@ def test_gpu_check_without_cuda_exits_cleanly(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "no CUDA device" in out.stdout and "nothing to check" in out.stdout
     assert not (tmp_path / "gc").exists()  # no half-written summary
+
+
+@pytest.mark.slow  # three processes at 64 px: ~40 s on two idle cores
+def test_bench_grid_rows_per_size_and_k_and_second_order_memory_grows_with_k(tmp_path):
+    stdout = bench("--grid", "--threads", "1", "--depth", "3", "--grid-sizes", "64", "--grid-k", "4", "1",
+                   "--reps", "1", "--algorithms", "maml", "--backends", "func", "--json", str(tmp_path / "g.json"))
+    rows = {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    assert set(rows) == {(c, k) for c in ("plain", "maml/func") for k in (1, 4)}
+    printed = [line for line in stdout.splitlines() if line.startswith(("| plain |", "| maml/func |"))]
+    assert [line.split(" | ")[2] for line in printed] == ["1", "1", "4", "4"]  # K in increasing order
+    assert all(line.split(" | ")[1] == "64" for line in printed)
+    assert rows["maml/func", 4]["seconds"] > rows["maml/func", 1]["seconds"]
+    # the unrolled graph of 4 steps holds ~4x the activations of 1 (hundreds of MiB at 64 px)
+    assert rows["maml/func", 4]["peak_bytes"] > rows["maml/func", 1]["peak_bytes"] + 50 * 2**20
