@@ -12,8 +12,8 @@ import torch
 
 from metaseg.config import ModelConfig
 from metaseg.data.synthetic import synthetic_task
-from metaseg.engine.build import validate_meta
-from metaseg.meta import ANIL, MetaLearner
+from metaseg.engine.build import make_learner, validate_meta
+from metaseg.meta import ANIL, MetaLearner, Precision
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 from tests.conftest import ROOT
@@ -99,7 +99,9 @@ def test_checkpoint_inner_is_refused_where_it_would_do_nothing(tiny_cfg):
         cfg = tiny_cfg(*overrides, "meta.checkpoint_inner=true")
         with pytest.raises(ConfigError, match="meta.checkpoint_inner=true"):
             validate_meta(cfg.meta)
-    validate_meta(tiny_cfg("meta=maml", "meta.checkpoint_inner=true").meta)  # second order: allowed
+    cfg = tiny_cfg("meta=maml", "meta.checkpoint_inner=true")  # second order: allowed, and reaches the learner
+    learner = make_learner(tiny_net(), cfg.meta, Precision())
+    assert learner.checkpoint_inner and not make_learner(tiny_net(), tiny_cfg().meta, Precision()).checkpoint_inner
     validate_meta(tiny_cfg("meta=mamlpp", "meta.checkpoint_inner=true").meta)  # first order, then second
 
 
