@@ -56,9 +56,9 @@ stage tests_cuda 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 #    bf16 and fp16: the project's configurations only, time only, to fit the 5 minutes.
 BENCH=(scripts/bench_meta_step.py --device cuda --size 256 --shots 8 --query 8 --inner-steps 5 --reps 3
        --algorithms maml fomaml anil --backends higher func)
-stage bench_fp32 100 "$PY" "${BENCH[@]}" --precision 32 --json "$OUT/bench_32.json"
-stage bench_bf16 45 "$PY" "${BENCH[@]}" --precision bf16 --no-floors --no-memory --json "$OUT/bench_bf16.json"
-stage bench_fp16 45 "$PY" "${BENCH[@]}" --precision 16 --no-floors --no-memory --json "$OUT/bench_16.json"
+stage bench_fp32 110 "$PY" "${BENCH[@]}" --precision 32 --json "$OUT/bench_32.json"
+stage bench_bf16 40 "$PY" "${BENCH[@]}" --precision bf16 --no-floors --no-memory --json "$OUT/bench_bf16.json"
+stage bench_fp16 40 "$PY" "${BENCH[@]}" --precision 16 --no-floors --no-memory --json "$OUT/bench_16.json"
 
 {
     echo
