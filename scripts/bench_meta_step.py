@@ -101,7 +101,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="32, bf16 or 16 (fp16) autocast for every configuration (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="weights, task and sampler seed (default: %(default)s)")
     g.add_argument("--json", type=Path, help="also write the rows here")
     g = p.add_argument_group("modes")
     g.add_argument("--grid", action="store_true", help="the cost-growth table (sizes x K), see above")
@@ -110,7 +110,8 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--data-path", action="store_true", help="real loader against preloaded tensors, see above")
     g.add_argument("--data-root", default="../shared/data",
                    help="folder of the binary_mix datasets, relative to the working directory (default: %(default)s)")
-    g.add_argument("--data-algorithm", default="maml", choices=ALGORITHMS, help="(default: %(default)s)")
+    g.add_argument("--data-algorithm", default="maml", choices=ALGORITHMS,
+                   help="algorithm of the data-path step, on the first of --backends (default: %(default)s)")
     g.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one configuration's peak memory
     g.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one grid cell, time and memory
     a = p.parse_args(argv)

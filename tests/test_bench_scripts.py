@@ -17,6 +17,7 @@ from metaseg.meta import ANIL, MetaLearner, Precision
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 from tests.conftest import ROOT
+from tests.data_fixtures import SHARED_DATA as DATA  # ../shared/data, when present
 from tests.test_meta_gradient import task, tiny_net
 
 BENCH = ROOT / "scripts" / "bench_meta_step.py"
@@ -151,3 +152,14 @@ def test_bench_grid_rows_per_size_and_k_and_second_order_memory_grows_with_k(tmp
     assert rows["maml/func", 4]["seconds"] > rows["maml/func", 1]["seconds"]
     # the unrolled graph of 4 steps holds ~4x the activations of 1 (hundreds of MiB at 64 px)
     assert rows["maml/func", 4]["peak_bytes"] > rows["maml/func", 1]["peak_bytes"] + 50 * 2**20
+
+
+@pytest.mark.slow  # decodes the binary mix twice
+@pytest.mark.skipif(not (DATA / "retina_drive").is_dir(), reason="real datasets not present")
+def test_bench_data_path_replays_the_real_loaders_tasks(tmp_path):
+    stdout = bench("--data-path", "--data-root", str(DATA), "--threads", "1", "--depth", "3", "--size", "32",
+                   "--inner-steps", "1", "--reps", "1", "--json", str(tmp_path / "d.json"))
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["same_weights"] is True  # the preloaded tasks are exactly the loader's
+    assert set(result["seconds"]) == {"real loader", "preloaded"} and result["sample_seconds"] > 0
+    assert "added by the loader:" in stdout and "same tasks and weights in both runs: True" in stdout
