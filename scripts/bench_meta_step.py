@@ -28,7 +28,8 @@ peers' table in issue 7: ``VmHWM`` of ``/proc/self/status``, else ``getrusage`` 
 and K of ``--grid-k``, plain and every ALGO/BACKEND (one warm-up step, REPS timed steps,
 peak memory); one fresh subprocess per configuration and size runs its K values in
 increasing order (its high-water mark at K is the peak at K: memory does not shrink as K
-grows).
+grows). A cell that fails (a large K out of memory) is reported as such, and its smaller K
+values and the other cells are kept. ``--checkpoint-inner`` adds MAML with the memory saver.
 
 ``--data-path`` times the data path instead: a meta-step drawing its task from the real
 loader (``data=binary_mix``, images under ``--data-root``, augmentation on) against the
@@ -293,17 +294,29 @@ def run_cell(a: argparse.Namespace) -> list[dict]:
         times = [timed(fn, device) for _ in range(a.reps)]
         rows.append({"config": a.cell, "size": a.size, "k": k, "seconds": statistics.median(times),
                      "min": min(times), "max": max(times), "peak_bytes": peak_bytes(device)})
+        print(json.dumps(rows[-1]), flush=True)  # each K as it is done: a cell killed later keeps it
         del fn
     return rows
 
 
-def child(argv: list[str], extra: list[str]) -> dict:
-    """Run this script with ``argv + extra`` in a fresh process; its last output line is JSON."""
+def child(argv: list[str], extra: list[str], *, partial: bool = False):
+    """Run this script with ``argv + extra`` in a fresh process, which prints JSON lines.
+
+    Returns the last line's object; with ``partial``, the list of every line's object and a
+    failure note (``None`` when the process succeeded), so a grid cell killed at a large K
+    (out of memory) keeps its smaller K and the grid goes on.
+    """
     out = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0:
-        raise SystemExit(f"{sys.argv[0]}: error: {' '.join(extra)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        why = (f"killed by signal {-out.returncode}, likely out of memory" if out.returncode < 0
+               else f"exit {out.returncode}: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        if not partial:
+            raise SystemExit(f"{sys.argv[0]}: error: {' '.join(extra)} failed ({why}):\n{out.stderr[-3000:]}")
+        print(f"# {' '.join(extra)}: failed after {len(lines)} K value(s) ({why})", file=sys.stderr, flush=True)
+        return lines, why
+    return (lines, None) if partial else lines[-1]
 
 
 def strip_modes(argv: list[str]) -> list[str]:
@@ -327,8 +340,10 @@ def strip_modes(argv: list[str]) -> list[str]:
 # -- the three modes --------------------------------------------------------------------
 def header(a: argparse.Namespace, device: torch.device, what: str) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
-    return (f"# {what}: {a.arch}-{a.encoder} depth {a.depth}, {a.size} px, {a.shots}+{a.query} images, "
-            f"K={a.inner_steps}, precision {a.precision}, {name}; torch {torch.__version__}\n"
+    size_k = (f"{'/'.join(map(str, a.grid_sizes))} px, K in {sorted(a.grid_k)}" if a.grid
+              else f"{a.size} px, K={a.inner_steps}")
+    return (f"# {what}: {a.arch}-{a.encoder} depth {a.depth}, {size_k}, {a.shots}+{a.query} images, "
+            f"precision {a.precision}, {name}; torch {torch.__version__}\n"
             f"# command: python scripts/bench_meta_step.py {' '.join(sys.argv[1:])}")
 
 
@@ -406,21 +421,28 @@ def run_compare(a: argparse.Namespace, argv: list[str]) -> dict:
 
 def run_grid(a: argparse.Namespace, argv: list[str]) -> dict:
     device, _ = setup(a)
-    base = [arg for arg in strip_modes(argv)]
+    base = strip_modes(argv)
     names = ["plain"] + [f"{alg}/{be}" for alg in a.algorithms for be in a.backends]
+    names += [f"maml/{be}+ckpt" for be in a.backends] if a.checkpoint_inner else []
     rows = []
     print(header(a, device, f"cost growth, median of {a.reps} step(s) after a warm-up, fresh process per cell"))
     print("| configuration | size | K | s / meta-step | vs plain | peak MiB | memory vs plain |")
     print("|---|---|---|---|---|---|---|")
     for size in a.grid_sizes:
-        cells = {name: child(base, ["--size", str(size), "--cell", name]) for name in names}
+        cells = {name: child(base, ["--size", str(size), "--cell", name], partial=True) for name in names}
         for i, k in enumerate(sorted(a.grid_k)):
-            p = cells["plain"][i]
+            plain = cells["plain"][0][i] if i < len(cells["plain"][0]) else None
             for name in names:
-                r = cells[name][i]
+                done, why = cells[name]
+                if i >= len(done):
+                    rows.append({"config": name, "size": size, "k": k, "failed": why})
+                    print(f"| {name} | {size} | {k} | failed: {why} | - | - | - |", flush=True)
+                    continue
+                r = done[i]
                 rows.append(r)
-                print(f"| {name} | {size} | {k} | {r['seconds']:.3f} | {ratio(r['seconds'], p['seconds'])} | "
-                      f"{r['peak_bytes'] / 2**20:.0f} | {ratio(r['peak_bytes'], p['peak_bytes'])} |", flush=True)
+                print(f"| {name} | {size} | {k} | {r['seconds']:.3f} | "
+                      f"{ratio(r['seconds'], plain and plain['seconds'])} | {r['peak_bytes'] / 2**20:.0f} | "
+                      f"{ratio(r['peak_bytes'], plain and plain['peak_bytes'])} |", flush=True)
     return {"mode": "grid", "rows": rows}
 
 
@@ -505,7 +527,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_memory_of(a)))
         return 0
     if a.cell:
-        print(json.dumps(run_cell(a)))
+        run_cell(a)  # prints one JSON line per K
         return 0
     if a.data_path:
         result = run_data_path(a)
