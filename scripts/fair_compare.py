@@ -111,8 +111,10 @@ class Settings:
         """``metaseg-train`` overrides of a trained arm at ``steps`` outer steps (two_stage: ``first`` erm steps, then ``steps``)."""
         every = max(math.ceil(steps / max(self.evals, 1)), 1)  # each stage of two_stage evaluates as often
         algo = ["experiment=two_stage", f"pretrain.steps={first}"] if arm == "two_stage" else [f"meta={arm}"]
-        # the final training evaluation only feeds best.pt (validation tasks): no tuning there
-        ev = [o for o in self.eval_overrides() if not o.startswith("eval.tune")] + ["eval.tune=false"]
+        # training's evaluations only feed best.pt (validation tasks): no tuning, one held-out episode
+        # (the reported held-out scores come from the evaluation of best.pt)
+        ev = [o for o in self.eval_overrides() if not o.startswith(("eval.tune", "eval.episodes="))]
+        ev += ["eval.tune=false", "eval.episodes=1"]
         return [*algo, f"trainer.max_steps={steps}", f"trainer.eval_every={every}", f"trainer.ckpt_every={every}",
                 "trainer.device=cpu", "trainer.threads=1", "trainer.monitor_tasks=0", "trainer.resume=auto", *ev,
                 *DEFAULT_OVERRIDES, *self.overrides]
@@ -342,7 +344,10 @@ def run_log(path: Path):
 def _setup_logging() -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    if any(getattr(h, "fair_compare", False) for h in root.handlers):  # main() called again (tests)
+        return
     console = logging.StreamHandler()
+    console.fair_compare = True
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     console.addFilter(logging.Filter(log.name))
     root.addHandler(console)
@@ -436,11 +441,11 @@ def markdown(rows: list[dict], fixed: tuple[float, int]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/fair", help="study folder: one subfolder per arm, table.md, table.json")
-    p.add_argument("--steps", type=int, default=150, help="outer steps of every trained arm (two_stage: split in two)")
+    p.add_argument("--steps", type=int, default=300, help="outer steps of every trained arm (two_stage: split in two)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default: all)")
     p.add_argument("--no-time", action="store_true", help="skip the equal-wall-time ARM@time runs")
     p.add_argument("--jobs", type=int, default=1, help="arms run at a time, each its own process with one thread")
-    p.add_argument("--episodes", type=int, default=6, help="held-out episodes per domain (mean ± 95%% CI over them)")
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes per domain (mean ± 95%% CI over them)")
     p.add_argument("--val-episodes", type=int, default=2, help="validation episodes per training domain (best.pt)")
     p.add_argument("--tune-episodes", type=int, default=2, help="validation episodes per domain per grid point")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3], help="eval.tune_lrs")
@@ -448,7 +453,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fixed", nargs=2, metavar=("ALPHA", "K"), default=["0.1", "3"],
                    help="the fixed default adaptation whose validation score is reported (added to the grid)")
     p.add_argument("--shots", type=int, default=5, help="k of the k-shot scores (tuning and held out)")
-    p.add_argument("--evals", type=int, default=2, help="validation evaluations during training (best.pt candidates)")
+    p.add_argument("--evals", type=int, default=3, help="validation evaluations during training (best.pt candidates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides for every run (data.*, model.*, meta.*, eval.* also reach scratch; "
