@@ -24,9 +24,14 @@ Both budget views:
 
 Resumable: an arm whose folder holds a finished ``eval/eval.json`` is not rerun (``--force``
 redoes it); a half-trained arm continues from its ``last.pt`` (``trainer.resume=auto``). An arm
-folder made with other settings stops the script rather than mixing two studies. With
-``--jobs 2`` two arms run at a time, each its own process with one torch thread; ``@time``
-arms start once maml and their own arm are finished. Writes ``table.md`` and ``table.json``.
+folder made with other settings stops the script rather than mixing two studies (each arm's
+overrides are in ``ARM/arm.json``, its log in ``ARM/run.log``). ``--jobs 1`` runs everything in
+this process; ``--jobs 2`` runs two arms at a time in two worker processes (one torch thread
+each, torch imported once per worker); ``@time`` arms start once maml and their own arm are
+finished. Writes ``table.md`` and ``table.json`` (rows, settings, what ran and what was reused).
+
+The defaults (300 steps, 32 px, below) are sized for about 20-25 minutes with ``--jobs 2`` on
+two free CPU cores (BENCHMARKS.md, "Fair comparison"):
 
     OMP_NUM_THREADS=1 python scripts/fair_compare.py --jobs 2 --out outputs/fair
     python scripts/fair_compare.py --steps 2 --override data.size=32 meta.inner_steps=1 --out /tmp/f
