@@ -34,7 +34,6 @@ from pathlib import Path
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
-SHOTS = ("5", "1")
 
 
 def eval_overrides(extra: list[str]) -> list[str]:
@@ -58,10 +57,10 @@ def command(fold: str, arm: str, run: Path, args) -> list[str]:
               f"trainer.threads={args.threads}" if arm != "scratch" else f"seed={args.seed}"]
     if arm == "scratch":
         evals = [o for o in eval_overrides(args.set) if not o.startswith("eval.tune_steps=")]
-        return ["metaseg-eval", "checkpoint=none", "data=binary_patches", *common, *evals,
+        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common, *evals,
                 f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]",
                 *[o for o in args.set if o.startswith(("data.", "model."))]]
-    return ["metaseg-train", "experiment=lodo", f"meta={arm}", f"seed={args.seed}", "trainer.resume=auto",
+    return [sys.executable, "-m", "metaseg.train", "experiment=lodo", f"meta={arm}", f"seed={args.seed}", "trainer.resume=auto",
             *common, *args.set]
 
 
@@ -101,9 +100,8 @@ def cell(stats: dict) -> str:
 def scores(run: dict, fold: str) -> dict:
     d = run["result"]["datasets"][fold]
     out = {"zero_shot": {key: d["zero_shot"]["image"][key] for key in ("fg_dice", "fg_iou")}}
-    for k in SHOTS:
-        if k in d.get("adapted", {}):
-            out[k] = {key: d["adapted"][k]["image"][key] for key in ("fg_dice", "fg_iou")}
+    for k in (k for k in d.get("adapted", {}) if k.isdigit()):  # every k of eval.shots, by its own key
+        out[k] = {key: d["adapted"][k]["image"][key] for key in ("fg_dice", "fg_iou")}
     return out
 
 
@@ -113,21 +111,22 @@ def tables(out: Path, folds: list[str], arms: list[str]) -> str:
                            "tune": r["result"].get("tune", {}).get("chosen")}
               for (f, a), r in runs.items() if r is not None}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    shots = sorted({k for r in record.values() for k in r["scores"] if k.isdigit()}, key=int, reverse=True)
     lines = []
     for metric, label in (("fg_dice", "Dice"), ("fg_iou", "IoU")):
         lines += [f"### Foreground {label} (image-level, mean ± 95% CI over 10 episodes)", "",
-                  "| arm | " + " | ".join(f"{f} {k}-shot" for f in folds for k in ("0", *SHOTS)) + " |",
-                  "|---" * (1 + 3 * len(folds)) + "|"]
+                  "| arm | " + " | ".join(f"{f} {k}-shot" for f in folds for k in ("0", *shots)) + " |",
+                  "|---" * (1 + (1 + len(shots)) * len(folds)) + "|"]
         for a in arms:
             row = []
             for f in folds:
                 r = record.get(f"{f}/{a}")
                 if r is None:
-                    row += ["–"] * 3
+                    row += ["–"] * (1 + len(shots))
                     continue
                 s = r["scores"]
                 row.append(f"{s['zero_shot'][metric]:.3f}")
-                row += [cell(s[k][metric]) if k in s else "–" for k in SHOTS]
+                row += [cell(s[k][metric]) if k in s else "–" for k in shots]
             lines.append(f"| {a} | " + " | ".join(row) + " |")
         lines.append("")
     lines += ["### Budget and chosen adaptation", "",
@@ -170,7 +169,10 @@ def main() -> None:
                 print(message, flush=True)
         print(f"study wall time {time.perf_counter() - t0:.0f} s", flush=True)
     print(tables(out, args.folds, args.arms))
-    sys.exit(0)
+    failed = [f"{f}/{a}" for f in args.folds for a in args.arms if not (out / f / a / "done.json").exists()]
+    if failed and not args.tables_only:
+        print(f"unfinished runs: {', '.join(failed)} (see their log.txt); rerun to retry them", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
