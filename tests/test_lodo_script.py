@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
-from tests.test_data_patches import NAMES, stripes
 from tests.data_fixtures import folder_dataset
+from tests.test_data_patches import NAMES, stripes
 
 TINY = ["data.size=16", "data.train=[retina_drive,retina_stare]", "model.extra.decoder_channels=[8,8,8]",
         "trainer.max_steps=2", "meta.inner_steps=1", "meta.shots=2", "meta.query=2", "eval.episodes=2",
