@@ -36,6 +36,7 @@ class DatasetConfig:
     folders: Optional[List[str]] = None  # fss: class folders; cityscapes: cities; null: all
     mask_suffix: str = ""  # folder: masks/<stem><suffix>.png
     max_images: Optional[int] = None  # keep this many, evenly spaced over the sorted stems
+    scale: float = 1.0  # data.patches: resample this dataset's images by this factor first (1: original pixels)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class DataConfig:
     # meta-validation split of every training dataset (metaseg/data/splits.py): best.pt, patience, eval.tune
     val_fraction: float = 0.2  # seeded fraction of each training dataset reserved for validation tasks
     val_splits: List[str] = field(default_factory=lambda: ["val"])  # splits.csv values reserved instead
+    # true: samples are size x size patches cut from the images at their working scale
+    # (data.datasets.NAME.scale x original), not whole images shrunk to size x size: thin
+    # structures (vessels, membranes) keep their pixels. Score with eval.mode=slide.
+    patches: bool = False
 
 
 @dataclass
@@ -157,6 +162,7 @@ class EvalConfig:
     window: Optional[int] = None  # slide: square window side; null: the training size (the samples' size)
     stride: Optional[int] = None  # slide: window step; null: half the window
     pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
+    support_patches: int = 8  # data.patches: random patches cut from each support image to adapt on
     val_episodes: Optional[int] = None  # episodes per validation dataset (best.pt, tune); null: episodes
     # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
     tune: bool = False

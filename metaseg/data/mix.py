@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
 from metaseg.data.labels import mix_classes
-from metaseg.data.sources import build_source
+from metaseg.data.sources import ON_DISK, build_source
 from metaseg.data.splits import split_validation
 from metaseg.utils.errors import ConfigError
 
@@ -50,6 +50,11 @@ class Normalized(Dataset):
         full = getattr(self.source, "full_resolution", None)
         image, mask = full(index) if full is not None else self.source[index]
         return (image - self.mean) / self.std, mask
+
+    def support_patches(self, indices, per_image: int, generator: torch.Generator):
+        """Normalised support patches (``data.patches``; :meth:`PairDataset.support_patches`)."""
+        images, masks = self.source.support_patches(indices, per_image, generator)
+        return (images - self.mean) / self.std, masks
 
     @property
     def pixel_counts(self):
@@ -114,6 +119,9 @@ def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) ->
     On-disk datasets are listed, checked, decoded and cached here, so bad data stops the run
     before its first step.
     """
+    if cfg.get("patches") and any(cfg.datasets[n].source not in ON_DISK for n in cfg.datasets):
+        raise ConfigError("data.patches=true cuts patches from images on disk; the generated source renders at "
+                          "data.size already: set data.patches=false")
     if cfg.size < 8:
         raise ConfigError(f"data.size={cfg.size} must be >= 8 (data=folder leaves it 0 for metaseg-eval to take "
                           f"the checkpoint's); set data.size=N")

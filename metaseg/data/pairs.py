@@ -32,7 +32,7 @@ from metaseg.data.cache import DiskCache, disk_cache
 from metaseg.data.decode import Pair, decode_pair, probe
 from metaseg.data.labels import IGNORE, LabelMap
 from metaseg.data.transforms import JointTransform, working_hw
-from metaseg.utils.errors import DataError
+from metaseg.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,13 @@ class PairDataset(Dataset):
 
     def __init__(self, name: str, pairs: Sequence[Pair], labels: LabelMap, *, size: int, num_classes: int,
                  where: Path, augment: Optional[Any] = None, seed: int = 0,
-                 disk: Optional[DiskCache] = None, workers: int = 1):
+                 disk: Optional[DiskCache] = None, workers: int = 1, patch_scale: Optional[float] = None):
         self.name, self.pairs, self.labels, self.where = name, list(pairs), labels, where
         self.size, self.num_classes = size, num_classes
         self.augmented = augment is not None and bool(augment.enabled)
-        self.transform = JointTransform(size, augment if self.augmented else None, seed=seed, name=name)
+        self.patch_scale = patch_scale  # data.patches: cached at scale x original, served as patches
+        self.transform = JointTransform(size, augment if self.augmented else None, seed=seed, name=name,
+                                        patch=patch_scale is not None)
         if not self.pairs:
             raise DataError(f"dataset {name!r} ({where}): no image/mask pairs left to use; check its folder, "
                             f"split and groups filters")
@@ -105,7 +107,7 @@ class PairDataset(Dataset):
             probes = list(pool.map(lambda p: probe(p, labels), self.pairs))
             raise_problems(name, [p.problem for p in probes if p.problem], labels, where)
             self.sizes = [p.size for p in probes]  # original (W, H)
-            hws = [working_hw(w, h, size, self.augmented) for w, h in self.sizes]
+            hws = [working_hw(w, h, size, self.augmented, patch_scale) for w, h in self.sizes]
             results = list(pool.map(lambda a: self._load(*a, disk), zip(self.pairs, hws)))
         raise_problems(name, [problem for _, problem in results if problem], labels, where)
         self.images = [torch.from_numpy(np.ascontiguousarray(r[0].transpose(2, 0, 1))) for r, _ in results]
@@ -136,13 +138,33 @@ class PairDataset(Dataset):
         """``(image float (3, H, W) in [0, 1], mask int64 (H, W))`` at the file's original size.
 
         Decoded from disk on each call (not cached), with the same label mapping as the
-        cached samples; for sliding-window evaluation at the original resolution.
+        cached samples; for sliding-window evaluation at the original resolution. With
+        ``data.patches``: the whole image at its working scale (the cached one; the original
+        at ``scale: 1``), the scale the model saw its patches at.
         """
+        if self.patch_scale is not None:
+            return self.images[index].float().div(255), self.masks[index].long()
         arrays, problem = decode_pair(self.pairs[index], self.labels, None)
         if arrays is None:
             raise DataError(f"dataset {self.name!r}: {problem[1]} changed since it was checked")
         image = torch.from_numpy(np.ascontiguousarray(arrays[0].transpose(2, 0, 1))).float().div_(255)
         return image, torch.from_numpy(np.ascontiguousarray(arrays[1])).long()
+
+    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_image`` un-augmented ``size x size`` patches of each image ``indices``, at places
+        drawn from ``generator``: the support batch of a few-shot episode when the model works
+        on patches (``data.patches``)."""
+        images, masks = [], []
+        for i in indices:
+            image, mask = self.images[int(i)], self.masks[int(i)]
+            h, w = image.shape[-2:]
+            for _ in range(per_image):
+                top = int(torch.randint(0, h - self.size + 1, (1,), generator=generator))
+                left = int(torch.randint(0, w - self.size + 1, (1,), generator=generator))
+                images.append(image[:, top:top + self.size, left:left + self.size].float().div(255))
+                masks.append(mask[top:top + self.size, left:left + self.size].long())
+        return torch.stack(images), torch.stack(masks)
 
     def info(self, indices: Optional[Sequence[int]] = None) -> dict:
         """What ``metaseg-data`` reports: image count per split and original sizes (W, H)."""
@@ -173,6 +195,10 @@ class IndexView(Dataset):
         """See :meth:`PairDataset.full_resolution`."""
         return self.base.full_resolution(self.indices[index])
 
+    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator):
+        """See :meth:`PairDataset.support_patches`."""
+        return self.base.support_patches([self.indices[int(i)] for i in indices], per_image, generator)
+
     @property
     def pixel_counts(self) -> np.ndarray:
         return self.base.pixel_counts[self.indices]
@@ -188,4 +214,15 @@ def build_pair_dataset(name: str, pairs: Sequence[Pair], labels: LabelMap, data_
     """A :class:`PairDataset` with the mix's size, augmentation, cache and decoding threads."""
     return PairDataset(name, pairs, labels, size=int(data_cfg.size), num_classes=num_classes, where=where,
                        augment=data_cfg.augment if augment else None, seed=int(data_cfg.seed),
-                       disk=disk_cache(data_cfg), workers=decode_workers(data_cfg))
+                       disk=disk_cache(data_cfg), workers=decode_workers(data_cfg),
+                       patch_scale=patch_scale(name, data_cfg))
+
+
+def patch_scale(name: str, data_cfg: Any) -> Optional[float]:
+    """``data.datasets.NAME.scale`` when the mix works on patches (``data.patches``), else None."""
+    if not data_cfg.get("patches"):
+        return None
+    scale = float(data_cfg.datasets[name].get("scale", 1.0))
+    if not 0 < scale <= 4:
+        raise ConfigError(f"data.datasets.{name}.scale={scale} must be in (0, 4] (1: the original resolution)")
+    return scale

@@ -47,6 +47,9 @@ class Subset(Dataset):
     def full_resolution(self, index: int):
         return self.base.full_resolution(self.indices[index])
 
+    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator):
+        return self.base.support_patches([self.indices[int(i)] for i in indices], per_image, generator)
+
     @property
     def pixel_counts(self):
         counts = getattr(self.base, "pixel_counts", None)
@@ -63,7 +66,8 @@ def plain_sample(ds: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     if source is None or transform is None or not getattr(transform, "random", False):
         return ds[index]
     if hasattr(source, "images"):  # PairDataset: cached uint8 image and mask, resized only
-        image, mask = JointTransform(transform.size)(source.images[index], source.masks[index])
+        image, mask = JointTransform(transform.size, patch=transform.patch)(source.images[index],
+                                                                            source.masks[index])
     else:  # Augmented generated source: the source's own sample
         image, mask = source.source[index]
     return (image - ds.mean) / ds.std, mask

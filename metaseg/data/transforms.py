@@ -26,10 +26,16 @@ from metaseg.utils.errors import ConfigError
 CACHE_FACTOR = 2  # augmented datasets are cached at 2 x data.size on the shorter side
 
 
-def working_hw(width: int, height: int, size: int, augment: bool) -> tuple[int, int]:
+def working_hw(width: int, height: int, size: int, augment: bool, patch_scale: Optional[float] = None
+               ) -> tuple[int, int]:
     """Height and width an image is cached at: ``size x size`` for resize-only data; for
     augmented data, the aspect ratio kept and the shorter side ``2 * size`` (never enlarged),
-    so a random crop still has pixels to spare."""
+    so a random crop still has pixels to spare. ``patch_scale`` (``data.patches``): the
+    original size times that factor, the aspect ratio kept, enlarged only as far as a
+    ``size x size`` patch needs."""
+    if patch_scale is not None:
+        scale = max(float(patch_scale), size / min(width, height))
+        return max(size, round(height * scale)), max(size, round(width * scale))
     if not augment:
         return size, size
     short = min(width, height)
@@ -79,13 +85,15 @@ class JointTransform:
     """``(image (3, H, W) uint8 or float, mask (H, W)) -> (float (3, size, size) in [0, 1], int64 mask)``.
 
     Without augmentation: a resize to ``size x size``. With it: random-resized crop, flips and
-    colour jitter (brightness, contrast, saturation factors in ``[1 - jitter, 1 + jitter]``),
+    colour jitter. ``patch`` (``data.patches``): a ``size x size`` crop at the cached scale instead
+    (centred without augmentation, at a random place with it, then flips and jitter) (brightness, contrast, saturation factors in ``[1 - jitter, 1 + jitter]``),
     the v2 functional ops applied to the ``Image``/``Mask`` pair with parameters drawn from
     this transform's own generator.
     """
 
-    def __init__(self, size: int, aug: Optional[Any] = None, *, seed: int = 0, name: str = ""):
+    def __init__(self, size: int, aug: Optional[Any] = None, *, seed: int = 0, name: str = "", patch: bool = False):
         self.size = int(size)
+        self.patch = bool(patch)  # data.patches: crop size x size pixels, never resize
         self.aug = aug if aug is not None and bool(aug.enabled) else None
         self.random = self.aug is not None
         if self.aug is not None:
@@ -99,10 +107,33 @@ class JointTransform:
     def _factor(self, strength: float) -> float:
         return 1 + strength * (2 * float(torch.rand(1, generator=self.generator)) - 1)
 
+    def _flip_jitter(self, img, msk):
+        a = self.aug
+        if self._coin(a.hflip):
+            img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
+        if self._coin(a.vflip):
+            img, msk = F.vertical_flip(img), F.vertical_flip(msk)
+        if a.jitter:
+            img = F.adjust_brightness(img, self._factor(a.jitter))
+            img = F.adjust_contrast(img, self._factor(a.jitter))
+            img = F.adjust_saturation(img, self._factor(a.jitter))
+        return img, msk
+
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
         out = [self.size, self.size]
-        if self.aug is None:
+        if self.patch:
+            h, w = img.shape[-2:]
+            if self.aug is None:  # the centre patch: a deterministic sample of the image
+                top, left = (h - self.size) // 2, (w - self.size) // 2
+            else:
+                top = int(torch.randint(0, h - self.size + 1, (1,), generator=self.generator))
+                left = int(torch.randint(0, w - self.size + 1, (1,), generator=self.generator))
+            img = F.crop(img, top, left, self.size, self.size)
+            msk = F.crop(msk, top, left, self.size, self.size)
+            if self.aug is not None:
+                img, msk = self._flip_jitter(img, msk)
+        elif self.aug is None:
             if tuple(img.shape[-2:]) != (self.size, self.size):
                 img = F.resize(img, out, antialias=True)
                 msk = F.resize(msk, out)  # masks: nearest
@@ -111,14 +142,7 @@ class JointTransform:
             top, left, h, w = crop_box(img.shape[-2], img.shape[-1], a.scale, a.ratio, self.generator)
             img = F.resized_crop(img, top, left, h, w, out, antialias=True)
             msk = F.resized_crop(msk, top, left, h, w, out)  # masks: nearest, 255 stays 255
-            if self._coin(a.hflip):
-                img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
-            if self._coin(a.vflip):
-                img, msk = F.vertical_flip(img), F.vertical_flip(msk)
-            if a.jitter:
-                img = F.adjust_brightness(img, self._factor(a.jitter))
-                img = F.adjust_contrast(img, self._factor(a.jitter))
-                img = F.adjust_saturation(img, self._factor(a.jitter))
+            img, msk = self._flip_jitter(img, msk)
         img = img.as_subclass(torch.Tensor)
         if img.dtype == torch.uint8:
             img = img.float().div_(255)

@@ -95,6 +95,20 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(f"eval.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
 
 
+PATCH_MODE_FIX = ("data.patches=true: the model works on patches, so whole images are scored with a sliding "
+                  "window; set eval.mode=slide")
+
+
+def check_patch_mode(dataset: Dataset, name: str, cfg: Any) -> None:
+    """A patch model scores whole images by sliding window; ``resize`` would score centre patches only.
+
+    Validation tasks (``centre_patches``, set by :mod:`metaseg.engine.validation`) do score
+    the centre patches, a cheap proxy at the right scale for choosing checkpoints."""
+    transform = dataset_transform(dataset)
+    if getattr(transform, "patch", False) and cfg.mode != "slide" and not cfg.get("centre_patches", False):
+        raise ConfigError(f"dataset {name!r}: {PATCH_MODE_FIX}")
+
+
 def check_heldout_sizes(datasets: dict[str, Dataset], cfg: Any) -> None:
     """Every held-out dataset must keep at least one image to score after the largest support."""
     largest = max(shot_list(cfg), default=0)
@@ -144,6 +158,30 @@ def score(model: nn.Module, dataset: Dataset, indices: Sequence[int], num_classe
     return out
 
 
+def support_batch(dataset: Dataset, support: Sequence[int], cfg: Any, key: Sequence[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images an episode adapts on: the support images themselves, or, when the dataset
+    serves patches (``data.patches``), ``eval.support_patches`` random patches of each, their
+    places drawn from a generator seeded by ``key`` (seed, dataset, episode, k)."""
+    patches = getattr(dataset, "support_patches", None)
+    if patches is None or not getattr(dataset_transform(dataset), "patch", False):
+        return collate(dataset, support)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+    return patches(support, int(cfg.get("support_patches", 8)), g)
+
+
+def dataset_transform(dataset: Dataset):
+    """The ``JointTransform`` under a mix dataset's views (Subset, IndexView, Normalized), or None."""
+    for _ in range(8):
+        transform = getattr(dataset, "transform", None)
+        if transform is not None:
+            return transform
+        dataset = getattr(dataset, "source", None) or getattr(dataset, "base", None)
+        if dataset is None:
+            return None
+    return None
+
+
 def episode_rng(seed: int, dataset: str, episode: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(dataset.encode()), episode])
 
@@ -168,6 +206,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     ``zero_shot`` and ``adapted[k]`` predictions of them (episode 0).
     """
     validate_eval(cfg)
+    check_patch_mode(dataset, name, cfg)
     n = len(dataset)
     cap = cfg.max_images
     kw: dict = {"mode": cfg.mode}
@@ -204,7 +243,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         query = sorted(order[largest:].tolist())[:cap]
         for k in ks:
             support = order[:k]
-            images, masks = collate(dataset, support)
+            images, masks = support_batch(dataset, support, cfg, [seed, zlib.crc32(name.encode()), e, k])
             adapted = learner.adapt(images.to(device), masks.to(device), steps=steps, lr=lr)
             capture = dict.fromkeys(gallery["indices"]) if gallery is not None and e == 0 else None
             s = score(adapted, dataset, query, num_classes, device, cfg.batch_size, learner.precision,

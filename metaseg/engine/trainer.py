@@ -28,7 +28,7 @@ from metaseg.engine.best import BestTracker
 from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
-from metaseg.engine.evaluate import check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
+from metaseg.engine.evaluate import PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.init_from import initialise
 from metaseg.engine.stages import STAGE_DIR, pretrain_stage
@@ -55,6 +55,8 @@ def validate(cfg: Any) -> None:
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
     validate_eval(e)
+    if cfg.data.get("patches") and cfg.data.heldout and shot_list(e) is not None and e.mode != "slide":
+        raise ConfigError(PATCH_MODE_FIX)
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")

@@ -34,6 +34,7 @@ def validation_eval_cfg(eval_cfg: Any, *, adapt_lr: Optional[float] = None, adap
     with open_dict(cfg):
         cfg.pictures = 0
         cfg.mode = "resize"
+        cfg.centre_patches = True  # data.patches: validation scores each image's centre patch (cheap proxy)
         val_episodes = cfg.get("val_episodes")
         cfg.episodes = int(episodes if episodes is not None else
                            (val_episodes if val_episodes is not None else cfg.episodes))
