@@ -153,8 +153,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scratch-steps", type=int, nargs="+", default=[15, 50],
-                        help="fine-tuning steps scratch chooses from on validation tasks (the others: 5, 15)")
+    parser.add_argument("--scratch-steps", type=int, nargs="+", default=[10, 30],
+                        help="fine-tuning steps scratch chooses from on validation tasks (the others: 10)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from finished runs")
     args = parser.parse_args()
