@@ -440,7 +440,7 @@ def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient()
     support, query = [(x.double(), y) for x, y in synthetic_task(n=2)]
     calls = []
     model.encoder.conv1.register_forward_hook(lambda *a: calls.append(1))  # runs only when computed
-    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # reuse is the func backend's
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # the higher backend reuses too (test_bench_scripts)
     assert model.encoder in learner.inner.frozen and model.decoder.blocks[0] in learner.inner.frozen
     _, reused = grads_of(learner, support, query)
     assert len(calls) == 2  # the support batch once for all three inner steps, the query once
