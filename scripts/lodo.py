@@ -34,6 +34,7 @@ from pathlib import Path
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
+RUN_ORDER = ["maml", "erm", "scratch", "anil", "fomaml"]
 
 
 def eval_overrides(extra: list[str]) -> list[str]:
@@ -162,8 +163,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not args.tables_only:
         t0 = time.perf_counter()
-        # slowest first (maml) so that parallel jobs finish together
-        order = sorted(((f, a) for f in args.folds for a in args.arms), key=lambda fa: ARMS.index(fa[1]))
+        # maml first (slowest, so parallel jobs finish together), then the controls, then the rest
+        order = sorted(((f, a) for f in args.folds for a in args.arms), key=lambda fa: RUN_ORDER.index(fa[1]))
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             for message in pool.map(lambda fa: run_one(*fa, args), order):
                 print(message, flush=True)
