@@ -108,6 +108,7 @@ class MetaConfig:
     shots: int = 4  # support images per task
     query: int = 4  # query images per task
     first_order: bool = False  # true: FOMAML (no gradient through the inner loop)
+    loss: str = "ce"  # ce: pixel cross-entropy | ce_dice: plus soft Dice of the non-background classes (thin, rare structures)
     # The algorithm zoo (README "Algorithms"); defaults leave plain MAML unchanged.
     inner_params: List[str] = field(default_factory=list)  # module patterns adapted in the inner loop (ANIL); []: all
     learn_inner_lr: bool = False  # Meta-SGD / MAML++: meta-learn the inner step sizes, starting at alpha
@@ -169,6 +170,7 @@ class EvalConfig:
     tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
     tune_steps: List[int] = field(default_factory=lambda: [3, 10])
     tune_episodes: Optional[int] = None  # episodes per validation dataset per grid point; null: val_episodes
+    tune_metric: str = "miou"  # what tuning maximises: miou | mf1 | fg_dice | fg_iou (binary label spaces)
 
 
 @dataclass

@@ -34,11 +34,12 @@ from pathlib import Path
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
+DEFAULT_ARMS = ["maml", "anil", "erm", "scratch"]  # fomaml: --arms ... fomaml (time)
 RUN_ORDER = ["maml", "erm", "scratch", "anil", "fomaml"]
 
 
 def eval_overrides(extra: list[str]) -> list[str]:
-    """``experiment=lodo``'s eval block as ``eval.KEY=VALUE`` overrides, for ``metaseg-eval``."""
+    """``experiment=lodo``'s eval block and loss as overrides, for ``metaseg-eval`` (scratch)."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -50,7 +51,7 @@ def eval_overrides(extra: list[str]) -> list[str]:
     for key, value in OmegaConf.to_container(cfg.eval).items():
         text = json.dumps(value).replace(" ", "") if value is not None else "null"
         out.append(f"eval.{key}={text}")
-    return out
+    return [*out, f"meta.loss={cfg.meta.loss}"]
 
 
 def command(fold: str, arm: str, run: Path, args) -> list[str]:
@@ -149,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/lodo", help="study folder (runs, results.md, results.json)")
     parser.add_argument("--folds", nargs="+", default=FOLDS, choices=FOLDS, help="held-out datasets")
-    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS)
     parser.add_argument("--data-root", default="../shared/data", help="folder holding the datasets")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")

@@ -17,6 +17,7 @@ from torch import nn
 from metaseg.meta import ALGORITHMS, MetaLearner, OuterSettings, StepSizes, second_order_problem
 from metaseg.meta.base import SCHEDULES
 from metaseg.meta.capability import FIX, SecondOrderError
+from metaseg.meta.maml import LOSSES
 from metaseg.meta.precision import Precision
 from metaseg.utils.errors import ConfigError
 
@@ -68,6 +69,14 @@ def validate_meta(m: Any) -> None:
         raise ConfigError("meta.inner_steps=0: MLDG needs at least one inner step (its D_i loss is the first)")
 
 
+def loss_fn(m: Any):
+    """``meta.loss`` as a function of (logits, masks)."""
+    name = m.get("loss", "ce")
+    if name not in LOSSES:
+        raise ConfigError(f"meta.loss={name!r} is not one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
 def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_steps: int = 1,
                  model_cfg: Optional[Any] = None) -> MetaLearner:
     """The algorithm a ``MetaConfig`` describes, around ``model``.
@@ -79,7 +88,7 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
     validate_meta(m)
     kwargs: dict[str, Any] = dict(
         inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order, precision=precision,
-        backend=m.backend, checkpoint_inner=m.checkpoint_inner,
+        backend=m.backend, checkpoint_inner=m.checkpoint_inner, loss=loss_fn(m),
         inner_params=list(m.inner_params) or None, multi_step_loss=m.multi_step_loss,
         msl_anneal_steps=m.msl_anneal_steps, first_order_until=m.first_order_until,
         outer=OuterSettings(lr=m.outer_lr, meta_batch=m.meta_batch, schedule=m.outer_lr_schedule,

@@ -302,6 +302,9 @@ def _dataset_means(datasets: dict) -> dict:
     if per and all("adapted" in r for r in per):
         mean["adapted_miou"] = float(np.mean([r["adapted"]["miou"]["mean"] for r in per]))
         mean["adapted_mf1"] = float(np.mean([r["adapted"]["mf1"]["mean"] for r in per]))
+        for key in BINARY_KEYS:  # binary label spaces: the foreground's own scores (tune, best.pt can use them)
+            if all(key in r["adapted"] for r in per):
+                mean[f"adapted_{key}"] = float(np.mean([r["adapted"][key]["mean"] for r in per]))
         ks = [key for key in per[0]["adapted"] if key.isdigit()]
         mean["adapted"] = {k: {m: float(np.mean([r["adapted"][k][m]["mean"] for r in per])) for m in ("miou", "mf1")}
                            for k in ks}

@@ -37,7 +37,7 @@ from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
-METRIC = "mean.adapted_miou"
+TUNE_METRICS = ("miou", "mf1", "fg_dice", "fg_iou")
 
 
 def tune_grid(eval_cfg: Any) -> list[tuple[float, int]]:
@@ -77,17 +77,23 @@ def tune_adaptation(learner: MetaLearner, val: dict[str, Dataset], num_classes: 
     grid: list[tuple[Optional[float], int]] = list(tune_grid(eval_cfg))
     if getattr(learner, "step_sizes", None) is not None:  # learned step sizes compete as one more "lr"
         grid = [(None, s) for s in dict.fromkeys(s for _, s in grid)] + grid
+    metric = str(eval_cfg.get("tune_metric", "miou"))
+    if metric not in TUNE_METRICS:
+        raise ConfigError(f"eval.tune_metric={metric!r} is not one of {', '.join(TUNE_METRICS)}")
     for lr, steps in grid:
         res = evaluate_validation(learner, val, num_classes, tuned_eval_cfg(eval_cfg, {"chosen": {
             "adapt_lr": lr, "adapt_steps": steps}}), device, seed, classes, episodes=episodes, shots=k)
-        rows.append({"adapt_lr": lr, "adapt_steps": steps, "score": float(res["mean"]["adapted_miou"])})
-        log.info("tune: adapt_lr %s, adapt_steps %d: validation %d-shot mIoU %.4f", "learned" if lr is None else lr,
+        if f"adapted_{metric}" not in res["mean"]:
+            raise ConfigError(f"eval.tune_metric={metric} is a foreground score of binary label spaces; this mix has "
+                              f"{num_classes} classes: use eval.tune_metric=miou")
+        rows.append({"adapt_lr": lr, "adapt_steps": steps, "score": float(res["mean"][f"adapted_{metric}"])})
+        log.info("tune: adapt_lr %s, adapt_steps %d: validation %d-shot " + metric + " %.4f", "learned" if lr is None else lr,
                  steps, k, rows[-1]["score"])
     best = max(rows, key=lambda r: -math.inf if math.isnan(r["score"]) else r["score"])  # first on a tie
     chosen = {"adapt_lr": best["adapt_lr"], "adapt_steps": best["adapt_steps"]}
-    log.info("tune: chose adapt_lr %s, adapt_steps %d (validation mIoU %.4f)", chosen["adapt_lr"],
+    log.info("tune: chose adapt_lr %s, adapt_steps %d (validation " + metric + " %.4f)", chosen["adapt_lr"],
              chosen["adapt_steps"], best["score"])
-    return {"metric": f"validation {METRIC} at {k} shots", "shots": k, "episodes": episodes,
+    return {"metric": f"validation mean.adapted_{metric} at {k} shots", "shots": k, "episodes": episodes,
             "datasets": list(val), "grid": rows, "chosen": chosen, "score": best["score"]}
 
 
