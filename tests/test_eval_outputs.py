@@ -172,6 +172,23 @@ def test_binary_slide_mode_reports_foreground_scores_and_full_resolution_picture
     assert Image.open(tmp_path / "bin.png").size == (grid.shape[2], grid.shape[1])
 
 
+def test_pictures_with_max_images_show_query_images_outside_the_zero_shot_ones():
+    """eval.max_images scores the first images zero-shot, but pictures show episode 0's query images."""
+    torch.manual_seed(0)
+    learner = MetaLearner(TinyNet(classes=2), inner_lr=0.5, inner_steps=1)
+    cfg = OmegaConf.structured(EvalConfig(shots=[1], episodes=2, batch_size=4, pictures=2, mode="slide",
+                                          max_images=1))
+    ds = FullRes()
+    gallery: dict = {}
+    from metaseg.engine.evaluate import evaluate_dataset
+    res = evaluate_dataset(learner, "vessels", ds, 2, cfg, CPU, 0, gallery)  # episode 0: support 0, query 1..3
+    assert res["scored"] == 1  # zero-shot scored the first image only
+    assert any(i != 0 for i in gallery["indices"])  # a picture of an image zero-shot did not score
+    assert all(gallery["zero_shot"][i] is not None for i in gallery["indices"])
+    result = evaluate_heldout(learner, {"vessels": ds}, 2, cfg, CPU, 0, ["background", "vessel"])
+    assert result.pictures["vessels"].dtype == torch.uint8
+
+
 def test_tensorboard_gets_every_k_both_reductions_and_the_pictures(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter

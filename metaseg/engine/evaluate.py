@@ -227,6 +227,12 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     zero = score(learner.model, dataset, zero_indices, num_classes, device, cfg.batch_size,
                  learner.precision, capture=capture, **kw)
     if gallery is not None:
+        missing = [i for i in gallery["indices"] if capture[i] is None]
+        if missing:  # eval.max_images: episode 0's query images may lie outside the zero-shot ones
+            extra = dict.fromkeys(missing)  # predicted for the picture only, not scored
+            score(learner.model, dataset, missing, num_classes, device, cfg.batch_size, learner.precision,
+                  capture=extra, **kw)
+            capture.update(extra)
         gallery["zero_shot"] = capture
     result: dict = {"images": n, "scored": len(zero_indices), "zero_shot": zero}
     if cfg.mode == "slide":
