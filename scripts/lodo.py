@@ -110,13 +110,16 @@ def scores(run: dict, fold: str) -> dict:
 def tables(out: Path, folds: list[str], arms: list[str]) -> str:
     runs = {(f, a): read_run(out / f / a) for f in folds for a in arms}
     record = {f"{f}/{a}": {"scores": scores(r, f), "budget": r["budget"], "seconds": r["seconds"],
-                           "tune": r["result"].get("tune", {}).get("chosen")}
+                           "tune": r["result"].get("tune", {}).get("chosen"),
+                           "episodes": r["result"].get("protocol", {}).get("episodes")}
               for (f, a), r in runs.items() if r is not None}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     shots = sorted({k for r in record.values() for k in r["scores"] if k.isdigit()}, key=int, reverse=True)
     lines = []
     for metric, label in (("fg_dice", "Dice"), ("fg_iou", "IoU")):
-        lines += [f"### Foreground {label} (image-level, mean ± 95% CI over 10 episodes)", "",
+        episodes = sorted({r["episodes"] for r in record.values()}) or ["?"]
+        lines += [f"### Foreground {label} (image-level, mean ± 95% CI over "
+                  f"{'/'.join(map(str, episodes))} episodes)", "",
                   "| arm | " + " | ".join(f"{f} {k}-shot" for f in folds for k in ("0", *shots)) + " |",
                   "|---" * (1 + (1 + len(shots)) * len(folds)) + "|"]
         for a in arms:
