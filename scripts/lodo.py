@@ -24,6 +24,7 @@ whatever runs have finished. ``--set KEY=VALUE`` passes overrides to every run (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -36,6 +37,11 @@ FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
 DEFAULT_ARMS = ["maml", "anil", "erm", "scratch"]  # fomaml: --arms ... fomaml (time)
 RUN_ORDER = ["maml", "erm", "scratch", "anil", "fomaml"]
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_overrides(extra: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(eval_overrides(list(extra)))
 
 
 def eval_overrides(extra: list[str]) -> list[str]:
@@ -58,7 +64,7 @@ def command(fold: str, arm: str, run: Path, args) -> list[str]:
     common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}",
               f"trainer.threads={args.threads}" if arm != "scratch" else f"seed={args.seed}"]
     if arm == "scratch":
-        evals = [o for o in eval_overrides(args.set) if not o.startswith("eval.tune_steps=")]
+        evals = [o for o in _eval_overrides(tuple(args.set)) if not o.startswith("eval.tune_steps=")]
         return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common, *evals,
                 f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]",
                 *[o for o in args.set if o.startswith(("data.", "model."))]]
@@ -169,6 +175,7 @@ def main() -> None:
         t0 = time.perf_counter()
         # maml first (slowest, so parallel jobs finish together), then the controls, then the rest
         order = sorted(((f, a) for f in args.folds for a in args.arms), key=lambda fa: RUN_ORDER.index(fa[1]))
+        _eval_overrides(tuple(args.set))  # composed once, here: Hydra's global state is not thread-safe
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             for message in pool.map(lambda fa: run_one(*fa, args), order):
                 print(message, flush=True)
