@@ -55,7 +55,7 @@ def validate(cfg: Any) -> None:
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
     validate_eval(e)
-    if cfg.data.get("patches") and cfg.data.heldout and shot_list(e) is not None and e.mode != "slide":
+    if cfg.data.get("patches") and cfg.data.heldout and e.mode != "slide":
         raise ConfigError(PATCH_MODE_FIX)
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
         if not value > 0:
