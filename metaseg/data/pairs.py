@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from metaseg.data.cache import DiskCache, disk_cache
 from metaseg.data.decode import Pair, decode_pair, probe
 from metaseg.data.labels import IGNORE, LabelMap
-from metaseg.data.transforms import JointTransform, working_hw
+from metaseg.data.transforms import JointTransform, random_patch, working_hw
 from metaseg.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,7 @@ class PairDataset(Dataset):
             image, mask = self.images[int(i)], self.masks[int(i)]
             h, w = image.shape[-2:]
             for _ in range(per_image):
-                top = int(torch.randint(0, h - self.size + 1, (1,), generator=generator))
-                left = int(torch.randint(0, w - self.size + 1, (1,), generator=generator))
+                top, left = random_patch(h, w, self.size, generator)
                 images.append(image[:, top:top + self.size, left:left + self.size].float().div(255))
                 masks.append(mask[top:top + self.size, left:left + self.size].long())
         return torch.stack(images), torch.stack(masks)

@@ -43,6 +43,13 @@ def working_hw(width: int, height: int, size: int, augment: bool, patch_scale: O
     return max(size, round(height * scale)), max(size, round(width * scale))
 
 
+def random_patch(height: int, width: int, size: int, g: torch.Generator) -> tuple[int, int]:
+    """``(top, left)`` of a ``size x size`` patch at a uniformly random place, drawn from ``g``."""
+    top = int(torch.randint(0, height - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - size + 1, (1,), generator=g))
+    return top, left
+
+
 def check_augment(aug: Any) -> None:
     scale, ratio = list(aug.scale), list(aug.ratio)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -127,8 +134,7 @@ class JointTransform:
             if self.aug is None:  # the centre patch: a deterministic sample of the image
                 top, left = (h - self.size) // 2, (w - self.size) // 2
             else:
-                top = int(torch.randint(0, h - self.size + 1, (1,), generator=self.generator))
-                left = int(torch.randint(0, w - self.size + 1, (1,), generator=self.generator))
+                top, left = random_patch(h, w, self.size, self.generator)
             img = F.crop(img, top, left, self.size, self.size)
             msk = F.crop(msk, top, left, self.size, self.size)
             if self.aug is not None:
