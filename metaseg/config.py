@@ -80,6 +80,9 @@ class DataConfig:
     # (data.datasets.NAME.scale x original), not whole images shrunk to size x size: thin
     # structures (vessels, membranes) keep their pixels. Score with eval.mode=slide.
     patches: bool = False
+    # data.patches: share of training crops and support patches placed to contain a foreground
+    # pixel (nnU-Net's foreground oversampling), the rest uniformly; 0: all uniform
+    fg_patches: float = 0.0
 
 
 @dataclass

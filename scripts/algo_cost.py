@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,11 +28,7 @@ from hydra import compose, initialize_config_module
 from torch.profiler import ProfilerActivity, profile
 
 import metaseg.config  # noqa: F401 - registers the schemas
-from metaseg.data.mix import build_mix
-from metaseg.data.tasks import TaskSampler
-from metaseg.engine.build import make_learner
-from metaseg.meta.precision import Precision
-from metaseg.models.factory import build_model
+from metaseg.engine.step_cost import interleaved_seconds, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "mldg", "erm"]
@@ -69,34 +64,15 @@ class Counter:
         self.images += int(args[0].shape[0])
 
 
-def build(name: str, a: argparse.Namespace, device: torch.device):
+def build(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     overrides = [f"meta={name}", f"data.size={a.size}", f"meta.inner_steps={a.inner_steps}",
                  f"meta.meta_batch={a.meta_batch}", f"meta.shots={a.shots}", f"meta.query={a.query}", *a.overrides]
     if name == "mamlpp":  # time its second-order phase (the multi-step loss is still on then)
         overrides.append("meta.first_order_until=0")
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    torch.manual_seed(cfg.seed)
-    mix = build_mix(cfg.data)
-    sampler = TaskSampler(mix.train, mix.weights, cfg.meta.shots, cfg.meta.query, seed=cfg.seed,
-                          query_from=cfg.meta.query_from)
-    model = build_model(cfg.model, mix.num_classes).to(device)
-    precision = Precision(a.precision, device.type)
-    learner = make_learner(model, cfg.meta, precision, max_steps=10**6)
-    opt, scaler = learner.make_optimizer(), precision.grad_scaler()
-    return {"learner": learner, "sampler": sampler, "opt": opt, "scaler": scaler, "counter": Counter(model),
-            "step": 0, "times": [], "cfg": cfg}
-
-
-def step(r: dict, device: torch.device) -> float:
-    r["step"] += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    r["learner"].meta_step(r["sampler"], r["opt"], r["scaler"], r["step"], device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+    runner = prepare(cfg, device, a.precision)
+    return {"runner": runner, "counter": Counter(runner.model), "cfg": cfg}
 
 
 def peak_bytes(r: dict, device: torch.device) -> int:
@@ -105,10 +81,10 @@ def peak_bytes(r: dict, device: torch.device) -> int:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step(r, device)
+        r["runner"].step()
         return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(r, device)
+        r["runner"].step()
     level = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         level += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
@@ -121,15 +97,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     runs = {name: build(name, a, device) for name in a.algorithms}
-    for name, r in runs.items():  # warm-up step, then forward counts of one step
-        step(r, device)
+    for r in runs.values():  # forward counts of one step (after a warm-up step)
+        r["runner"].step()
         c = r["counter"]
         c.passes = c.images = 0
-        step(r, device)
+        r["runner"].step()
         r["passes"], r["images"] = c.passes, c.images
-    for _ in range(a.steps):  # round-robin, so load drift hits every algorithm alike
-        for r in runs.values():
-            r["times"].append(step(r, device))
+    # round-robin, so load drift hits every algorithm alike
+    times = interleaved_seconds({name: r["runner"] for name, r in runs.items()}, a.steps, warmup=0)
+    for name, r in runs.items():
+        r["times"] = times[name]
     for r in runs.values():
         r["peak"] = peak_bytes(r, device)
 

@@ -11,6 +11,9 @@ same K:
                  in this script, second order, Adam outer step: the floor of the higher backend.
   raw_higher_fo  the same loop first order (``track_higher_grads=False``, the query gradient at
                  the adapted weights applied to theta): the floor of first order.
+  raw_func       MAML hand-written on ``torch.func.functional_call`` and
+                 ``autograd.grad(create_graph=True)``, Adam outer step (the peers' fastest
+                 second-order loop in issue 7): the floor of the func backend.
   ALGO/BACKEND   the project's own ``MetaLearner.create(ALGO, ..., backend=BACKEND).meta_step``
                  with one task per step (maml, fomaml, anil: ANIL adapts the last decoder
                  block and the head, its default, and reuses the frozen modules' outputs).
@@ -195,6 +198,28 @@ def raw_higher_step(model, task: Task, a, precision: Precision, first_order: boo
     return step
 
 
+def raw_func_step(model, task: Task, a, precision: Precision) -> Callable[[], None]:
+    """Second-order MAML in a dozen lines of torch.func: the reference loop of issue 7's peers."""
+    from torch.func import functional_call
+
+    outer = torch.optim.Adam(model.parameters(), lr=a.outer_lr)
+
+    def loss(params, batch):
+        with precision.autocast():
+            logits = functional_call(model, params, (batch[0],))
+        return pixel_cross_entropy(full_precision(logits), batch[1])
+
+    def step():
+        outer.zero_grad(set_to_none=True)
+        params = dict(model.named_parameters())
+        for _ in range(a.inner_steps):
+            grads = torch.autograd.grad(loss(params, task.support), list(params.values()), create_graph=True)
+            params = {n: p - a.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+        loss(params, task.query).backward()
+        outer.step()
+    return step
+
+
 def learner_step(model, task: Task, a, precision: Precision, algorithm: str, backend: str,
                  checkpoint_inner: bool = False) -> Callable[[], None]:
     """The project's meta-step: ``MetaLearner.create(algorithm, ...).meta_step`` on one task."""
@@ -210,7 +235,7 @@ def learner_step(model, task: Task, a, precision: Precision, algorithm: str, bac
 
 
 def config_names(a: argparse.Namespace) -> list[str]:
-    names = ["plain"] + ([] if a.no_floors else ["raw_higher", "raw_higher_fo"])
+    names = ["plain"] + ([] if a.no_floors else ["raw_higher", "raw_higher_fo", "raw_func"])
     names += [f"{alg}/{be}" for alg in a.algorithms for be in a.backends]
     if a.checkpoint_inner:
         names += [f"maml/{be}+ckpt" for be in a.backends]
@@ -223,6 +248,8 @@ def make_step(name: str, a: argparse.Namespace, model, task: Task, precision: Pr
         return plain_step(model, task, a, precision)
     if name.startswith("raw_higher"):
         return raw_higher_step(model, task, a, precision, first_order=name.endswith("_fo"))
+    if name == "raw_func":
+        return raw_func_step(model, task, a, precision)
     algorithm, backend = name.split("/")
     backend, _, ckpt = backend.partition("+")
     return learner_step(model, task, a, precision, algorithm, backend, checkpoint_inner=bool(ckpt))
@@ -367,8 +394,12 @@ def targets(rows: dict) -> list[str]:
 
     if raw and t("maml/higher"):
         check("maml/higher vs raw_higher time", t("maml/higher") / raw, 1.05)
+    if plain and t("raw_func"):  # is 2.5x reachable on this machine at all?
+        check("raw_func (the peers' torch.func loop) vs plain time", t("raw_func") / plain, 2.5)
     if plain and t("maml/func"):
         check("maml/func vs plain time", t("maml/func") / plain, 2.5)
+        if t("raw_func"):
+            check("maml/func vs raw_func time", t("maml/func") / t("raw_func"), 1.05)
         if t("maml/higher"):
             check("maml/func vs maml/higher time", t("maml/func") / t("maml/higher"), 1.0)
     for be in BACKENDS:

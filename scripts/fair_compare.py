@@ -17,10 +17,15 @@ Both budget views:
 * equal images processed: the arms above at the same outer-step count; the table shows the
   forward and backward images each spent (``budget.json``; erm makes maml's forward passes per
   step, second-order arms send their support batches back twice);
-* equal wall time: every arm whose training took less time than maml's gets a second run,
-  ``ARM@time``, with its step count(s) scaled by ``maml train seconds / ARM train seconds``
-  (single-stage arms: ``round(maml_train_s / arm_s_per_step)`` steps; two_stage: both stages
-  scaled alike). Step counts, not a time limit: the ``@time`` run stays reproducible.
+* equal wall time: every arm whose outer steps cost less than maml's gets a second run,
+  ``ARM@time``, with its step count(s) scaled by ``maml seconds per step / ARM seconds per step``
+  (two_stage: its erm and maml steps' mean cost; both stages scaled alike). The costs are
+  measured side by side before any ``@time`` run, in one process with one thread: each trained
+  algorithm at this study's settings takes one outer step in turn for ``--cost-rounds`` rounds,
+  the median is kept (``costs.json``; :mod:`metaseg.engine.step_cost`). The arms' own training
+  times are not used: run one after another, or two beside each other, they measure the
+  machine's load as much as the algorithm. Step counts, not a time limit: the ``@time`` run
+  stays reproducible.
 
 Resumable: an arm whose folder holds a finished ``eval/eval.json`` is not rerun (``--force``
 redoes it); a half-trained arm continues from its ``last.pt`` (``trainer.resume=auto``). An arm
@@ -59,6 +64,7 @@ TRAINED = ("maml", "fomaml", "anil", "metasgd", "erm", "two_stage")
 ARMS = (*TRAINED, "scratch")
 TIME = "@time"
 SPEC = "arm.json"
+COSTS = "costs.json"
 # The full comparison's default sizes: 32 px generated mix (120 images per training domain, 24 of
 # them validation; 40 per held-out domain); K = 3, 2 tasks of 4 + 4 images per outer step.
 DEFAULT_OVERRIDES = [
@@ -132,6 +138,15 @@ class Job:
     deps: tuple[str, ...] = ()
 
 
+def cost_algorithms(arms: list[str]) -> list[str]:
+    """The algorithms whose seconds per step the ``@time`` runs of ``arms`` need (maml first)."""
+    need = {"maml"}
+    for arm in arms:
+        if arm in TRAINED:
+            need |= {"erm", "maml"} if arm == "two_stage" else {arm}
+    return ["maml", *sorted(need - {"maml"})]
+
+
 def arm_steps(arm: str, steps: int) -> tuple[int, Optional[int]]:
     """(``trainer.max_steps``, ``pretrain.steps``) of an arm at ``steps`` outer steps in all."""
     if arm == "two_stage":
@@ -141,8 +156,8 @@ def arm_steps(arm: str, steps: int) -> tuple[int, Optional[int]]:
 
 
 def time_steps(arm: str, steps: int, maml_train_s: float, arm_train_s: float) -> Optional[tuple[int, Optional[int]]]:
-    """The ``@time`` run's step counts: ``steps`` scaled by maml's train seconds over the arm's;
-    None when the arm was not cheaper (no more steps fit in maml's time)."""
+    """The ``@time`` run's step counts: ``steps`` scaled by maml's seconds for ``steps`` steps over the
+    arm's; None when the arm was not cheaper (no more steps fit in maml's time)."""
     if not (arm_train_s > 0 and maml_train_s > 0):
         return None
     factor = maml_train_s / arm_train_s
@@ -213,10 +228,38 @@ class Study:
                 "eval": self.eval_overrides(job.name)}
 
     def time_budget(self, arm: str) -> Optional[tuple[int, Optional[int]]]:
-        maml, own = read_json(self.folder("maml") / "budget.json"), read_json(self.folder(arm) / "budget.json")
-        if maml is None or own is None:
-            raise StudyError(f"{arm}{TIME} needs the budget.json of maml and {arm}: run them first")
-        return time_steps(arm, self.s.steps, maml["total"]["train_seconds"], own["total"]["train_seconds"])
+        costs = (read_json(self.s.out / COSTS) or {}).get("seconds", {})
+        algos = cost_algorithms([arm])
+        if any(a not in costs for a in algos):
+            raise StudyError(f"{arm}{TIME} needs the seconds per step of {', '.join(algos)} in {self.s.out / COSTS}: "
+                             f"run the script without --no-time to measure them")
+        main, first = arm_steps(arm, self.s.steps)
+        own = main * costs["maml" if arm == "two_stage" else arm] + (first or 0) * costs.get("erm", 0.0)
+        return time_steps(arm, self.s.steps, self.s.steps * costs["maml"], own)
+
+    def measure_costs(self, arms: list[str], rounds: int) -> dict:
+        """Seconds per outer step of the trained ``arms``' algorithms (and maml's), measured side by side
+        at this study's settings, once: ``costs.json`` is reused while the settings are the same."""
+        algos = cost_algorithms(arms)
+        overrides = {a: self.s.train_overrides(a, self.s.steps) for a in algos}
+        path = self.s.out / COSTS
+        old = read_json(path)
+        if old is not None and all(old["overrides"].get(a) == o for a, o in overrides.items()):
+            return old
+        from metaseg.engine.step_cost import median_seconds, prepare
+
+        log.info("measuring seconds per outer step of %s side by side (%d rounds)", ", ".join(algos), rounds)
+        runners = {a: prepare(compose_config("train", o)) for a, o in overrides.items()}
+        seconds = median_seconds(runners, rounds)
+        if old is not None:  # keep other algorithms measured earlier with these settings
+            seconds = {**{a: v for a, v in old["seconds"].items() if a not in seconds
+                          and old["overrides"].get(a) == self.s.train_overrides(a, self.s.steps)}, **seconds}
+            overrides = {**{a: old["overrides"][a] for a in seconds if a not in overrides}, **overrides}
+        out = {"rounds": rounds, "threads": 1, "seconds": seconds, "overrides": overrides}
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, out)
+        log.info("seconds per outer step: %s", ", ".join(f"{a} {s:.3f}" for a, s in seconds.items()))
+        return out
 
     def jobs(self, arms: list[str], with_time: bool) -> list[Job]:
         out = [Job(a, a) for a in arms]
@@ -422,7 +465,7 @@ def table_row(name: str, folder: Path, fixed: tuple[float, int]) -> dict:
             "heldout": held, "heldout_mean": float(ev["mean"]["adapted_miou"])}
 
 
-def markdown(rows: list[dict], fixed: tuple[float, int]) -> str:
+def markdown(rows: list[dict], fixed: tuple[float, int], costs: Optional[dict] = None) -> str:
     if not rows:
         return "(no finished arm)"
     names = list(rows[0]["heldout"])
@@ -440,6 +483,9 @@ def markdown(rows: list[dict], fixed: tuple[float, int]) -> str:
                  *[f"{r['heldout'][n]['mean']:.3f} ± {r['heldout'][n]['ci95']:.3f}" for n in names],
                  f"{r['heldout_mean']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if costs:
+        lines += ["", f"Seconds per outer step, measured side by side ({costs['rounds']} rounds, one thread; they set "
+                      f"the @time step counts): " + ", ".join(f"{a} {s:.3f}" for a, s in costs["seconds"].items())]
     return "\n".join(lines)
 
 
@@ -449,6 +495,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="outer steps of every trained arm (two_stage: split in two)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run (default: all)")
     p.add_argument("--no-time", action="store_true", help="skip the equal-wall-time ARM@time runs")
+    p.add_argument("--cost-rounds", type=int, default=10,
+                   help="rounds of the side-by-side timing that sets the @time step counts (costs.json)")
     p.add_argument("--jobs", type=int, default=1, help="arms run at a time, each its own process with one thread")
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per domain (mean ± 95%% CI over them)")
     p.add_argument("--val-episodes", type=int, default=2, help="validation episodes per training domain (best.pt)")
@@ -486,16 +534,20 @@ def main(argv=None) -> int:
         jobs = study.jobs(order, with_time=not args.no_time)
         try:
             study.check(jobs)
+            timed = [j.arm for j in jobs if j.name.endswith(TIME)]
+            if timed:  # before any run, so nothing else of this study is on the CPU; reused once measured
+                study.measure_costs(timed, args.cost_rounds)
             outcome = study.run(jobs, args.jobs)
         except StudyError as exc:
             print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
             return 2
     rows = study.rows()
-    text = markdown(rows, fixed)
+    costs = read_json(settings.out / COSTS)
+    text = markdown(rows, fixed, costs)
     settings.out.mkdir(parents=True, exist_ok=True)
     (settings.out / "table.md").write_text(text + "\n")
     _write_json(settings.out / "table.json", {"settings": {**vars(args), "fixed": list(fixed)}, "rows": rows,
-                                              "outcome": outcome})
+                                              "costs": costs and costs["seconds"], "outcome": outcome})
     print(text)
     failed = {n: o for n, o in outcome.items() if o.startswith("failed") or o == "skipped"}
     for n, o in failed.items():

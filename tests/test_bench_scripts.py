@@ -39,7 +39,7 @@ def rows_of(stdout):
 def test_bench_prints_a_ratio_row_for_every_algorithm_and_backend(tmp_path):
     stdout = bench(*SMALL, "--no-memory", "--json", str(tmp_path / "b.json"))
     rows = rows_of(stdout)
-    expected = {"plain", "raw_higher", "raw_higher_fo"} | {f"{a}/{b}" for a in ("maml", "fomaml", "anil")
+    expected = {"plain", "raw_higher", "raw_higher_fo", "raw_func"} | {f"{a}/{b}" for a in ("maml", "fomaml", "anil")
                                                            for b in ("higher", "func")}
     assert set(rows) == expected, stdout
     data = {r["config"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}

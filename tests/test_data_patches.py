@@ -91,6 +91,9 @@ def test_training_tasks_and_slide_evaluation_end_to_end(root, tmp_path):
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())
     held = result["datasets"][NAMES["c"]]
     assert held["window"] == [16, 16] and held["adapted"]["episodes"] == 2
+    for name in (NAMES["a"], NAMES["b"]):  # validation images scored whole too, not by a centre patch
+        val = result["val"]["datasets"][name]
+        assert val["window"] == [16, 16]  # only a sliding-window score records its window
 
 
 def test_patches_need_slide_scoring_and_files(root, tmp_path):
@@ -113,3 +116,51 @@ def test_lodo_mix_serves_vessel_patches_at_full_resolution():
     ref = np.array(Image.open(sorted((SHARED_DATA / "retina_stare" / "masks").glob("*.png"))[0]))
     assert mask.shape == ref.shape and torch.equal(mask, torch.from_numpy(ref // 255).long())  # the original mask
     assert mix.train["retina_drive"][0][0].shape == (3, 64, 64)
+
+
+def blob(h: int, w: int) -> np.ndarray:
+    """One 3 x 3 foreground square in a corner: a uniform 16 px patch rarely holds it."""
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[2:5, w - 5:w - 2] = 255
+    return m
+
+
+def test_patch_place_on_foreground_or_uniform():
+    from metaseg.data.transforms import patch_place, random_patch
+
+    mask = torch.from_numpy(blob(60, 70) // 255).long()
+    mask[0, 0] = 255  # ignored pixels are not foreground
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        top, left = patch_place(mask, 16, g, 1.0)
+        assert 0 <= top <= 44 and 0 <= left <= 54
+        assert mask[top:top + 16, left:left + 16].eq(1).any()
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [patch_place(mask, 16, a, 0.0) for _ in range(5)] == [random_patch(60, 70, 16, b) for _ in range(5)]
+    empty = torch.zeros(60, 70, dtype=torch.long)
+    assert 0 <= patch_place(empty, 16, g, 1.0)[0] <= 44  # no foreground: a uniform place
+
+
+def test_fg_patches_put_support_patches_and_training_crops_on_foreground(tmp_path):
+    for name in NAMES.values():
+        folder_dataset(tmp_path / name, n=8, h=60, w=70, masks=[blob(60, 70)] * 8)
+
+    def fg_share(fg):
+        cfg = cfg_for(tmp_path, f"data.fg_patches={fg}", "eval.support_patches=10")
+        mix = build_mix(cfg.data, validation=True)
+        _, support = support_batch(mix.heldout[NAMES["c"]], [0, 1], cfg.eval, [0, 1, 2, 5])
+        crops = [mix.train[NAMES["a"]][i % 5][1] for i in range(20)]
+        return support.flatten(1).eq(1).any(1).float().mean(), torch.stack(crops).flatten(1).eq(1).any(1).float().mean()
+
+    assert fg_share(1.0) == (1.0, 1.0)
+    uniform = fg_share(0.0)
+    assert uniform[0] < 0.5 and uniform[1] < 0.5  # the blob lies in few of the 45 x 55 places
+
+
+def test_fg_patches_needs_patches_and_a_share(root):
+    with pytest.raises(ConfigError, match=r"data.fg_patches=1.5 must be in \[0, 1\]"):
+        build_mix(cfg_for(root, "data.fg_patches=1.5").data)
+    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
+        syn = compose("train", ["data.fg_patches=0.5"])
+    with pytest.raises(ConfigError, match="data.fg_patches=0.5 places patches, but data.patches=false"):
+        build_mix(syn.data)

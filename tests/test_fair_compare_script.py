@@ -70,11 +70,35 @@ def test_table_has_every_arm_row_with_budget_columns_from_budget_json(study):
 def test_time_arm_gets_the_steps_that_fit_in_maml_time(study):
     out, _ = study
     rows = _rows(out)
-    maml_s, erm_s = rows["maml"]["train_s"], rows["erm"]["train_s"]
+    costs = _json(out / "costs.json")
+    assert set(costs["seconds"]) == {"maml", "erm"}  # measured side by side, for the arms that need them
+    maml_s, erm_s = costs["seconds"]["maml"], costs["seconds"]["erm"]
     assert erm_s < maml_s  # first order with no graph through the inner loop: cheaper per step
     expect = round(2 * maml_s / erm_s)
     assert rows["erm@time"]["outer_steps"] == expect > rows["maml"]["outer_steps"]
     assert f"trainer.max_steps={expect}" in _json(out / "erm_at_time" / "arm.json")["train"]
+    assert costs["overrides"]["erm"] == _json(out / "erm" / "arm.json")["train"]  # the arm's own settings
+    assert "measured side by side" in (out / "table.md").read_text()
+
+
+def test_cost_measurement_times_each_config_in_turn(monkeypatch):
+    from metaseg.engine import step_cost
+
+    order = []
+
+    class Fake:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def step(self):
+            order.append(self.name)
+            return self.seconds
+
+    runners = {"a": Fake("a", 2.0), "b": Fake("b", 0.5)}
+    times = step_cost.interleaved_seconds(runners, rounds=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one step each per round
+    assert times == {"a": [2.0] * 3, "b": [0.5] * 3}
+    assert step_cost.median_seconds(runners, rounds=1, warmup=0) == {"a": 2.0, "b": 0.5}
 
 
 def test_time_steps_scale_by_maml_seconds_and_split_two_stage():
@@ -105,6 +129,7 @@ def test_second_invocation_reuses_finished_arms(study, caplog):
     out, args = study
     files = [out / a / f for a in ("maml", "erm", "erm_at_time") for f in ("metrics.json", "checkpoints/best.pt")]
     files += [out / a / "eval" / "eval.json" for a in ("maml", "erm", "erm_at_time", "scratch")]
+    files.append(out / "costs.json")  # measured once
     before = {f: f.stat().st_mtime_ns for f in files}
     rows = _rows(out)
     assert fc.main(args) == 0
@@ -150,9 +175,12 @@ def test_every_arm_in_two_worker_processes(tmp_path):
     rows = _rows(tmp_path)
     assert set(fc.ARMS) <= set(rows)
     maml = rows["maml"]
+    cost = _json(tmp_path / "costs.json")["seconds"]
+    assert set(cost) == {"maml", "fomaml", "anil", "metasgd", "erm"}
     for arm in ("fomaml", "anil", "erm", "two_stage"):  # cheaper than second-order MAML per step
         assert rows[arm]["outer_steps"] == maml["outer_steps"]
-        expect = fc.time_steps(arm, 2, maml["train_s"], rows[arm]["train_s"])
+        own = cost["erm"] + cost["maml"] if arm == "two_stage" else 2 * cost[arm]
+        expect = fc.time_steps(arm, 2, 2 * cost["maml"], own)
         if expect is None:
             assert arm + "@time" not in rows
         else:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from metaseg.data.cache import DiskCache, disk_cache
 from metaseg.data.decode import Pair, decode_pair, probe
 from metaseg.data.labels import IGNORE, LabelMap
-from metaseg.data.transforms import JointTransform, random_patch, working_hw
+from metaseg.data.transforms import JointTransform, patch_place, working_hw
 from metaseg.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,15 @@ class PairDataset(Dataset):
 
     def __init__(self, name: str, pairs: Sequence[Pair], labels: LabelMap, *, size: int, num_classes: int,
                  where: Path, augment: Optional[Any] = None, seed: int = 0,
-                 disk: Optional[DiskCache] = None, workers: int = 1, patch_scale: Optional[float] = None):
+                 disk: Optional[DiskCache] = None, workers: int = 1, patch_scale: Optional[float] = None,
+                 fg_fraction: float = 0.0):
         self.name, self.pairs, self.labels, self.where = name, list(pairs), labels, where
         self.size, self.num_classes = size, num_classes
         self.augmented = augment is not None and bool(augment.enabled)
         self.patch_scale = patch_scale  # data.patches: cached at scale x original, served as patches
+        self.fg_fraction = fg_fraction  # data.fg_patches: share of patches placed on foreground
         self.transform = JointTransform(size, augment if self.augmented else None, seed=seed, name=name,
-                                        patch=patch_scale is not None)
+                                        patch=patch_scale is not None, fg_fraction=fg_fraction)
         if not self.pairs:
             raise DataError(f"dataset {name!r} ({where}): no image/mask pairs left to use; check its folder, "
                             f"split and groups filters")
@@ -153,14 +155,14 @@ class PairDataset(Dataset):
     def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_image`` un-augmented ``size x size`` patches of each image ``indices``, at places
-        drawn from ``generator``: the support batch of a few-shot episode when the model works
-        on patches (``data.patches``)."""
+        drawn from ``generator`` (``data.fg_patches`` of them on foreground): the support batch
+        of a few-shot episode when the model works on patches (``data.patches``)."""
         images, masks = [], []
         for i in indices:
             image, mask = self.images[int(i)], self.masks[int(i)]
             h, w = image.shape[-2:]
             for _ in range(per_image):
-                top, left = random_patch(h, w, self.size, generator)
+                top, left = patch_place(mask, self.size, generator, self.fg_fraction)
                 images.append(image[:, top:top + self.size, left:left + self.size].float().div(255))
                 masks.append(mask[top:top + self.size, left:left + self.size].long())
         return torch.stack(images), torch.stack(masks)
@@ -214,7 +216,8 @@ def build_pair_dataset(name: str, pairs: Sequence[Pair], labels: LabelMap, data_
     return PairDataset(name, pairs, labels, size=int(data_cfg.size), num_classes=num_classes, where=where,
                        augment=data_cfg.augment if augment else None, seed=int(data_cfg.seed),
                        disk=disk_cache(data_cfg), workers=decode_workers(data_cfg),
-                       patch_scale=patch_scale(name, data_cfg))
+                       patch_scale=patch_scale(name, data_cfg),
+                       fg_fraction=float(data_cfg.get("fg_patches") or 0.0))
 
 
 def patch_scale(name: str, data_cfg: Any) -> Optional[float]:
@@ -225,3 +228,4 @@ def patch_scale(name: str, data_cfg: Any) -> Optional[float]:
     if not 0 < scale <= 4:
         raise ConfigError(f"data.datasets.{name}.scale={scale} must be in (0, 4] (1: the original resolution)")
     return scale
+

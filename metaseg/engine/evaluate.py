@@ -24,6 +24,7 @@ graph.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import zlib
@@ -31,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -99,14 +100,22 @@ PATCH_MODE_FIX = ("data.patches=true: the model works on patches, so whole image
                   "window; set eval.mode=slide")
 
 
-def check_patch_mode(dataset: Dataset, name: str, cfg: Any) -> None:
-    """A patch model scores whole images by sliding window; ``resize`` would score centre patches only.
-
-    Validation tasks (``centre_patches``, set by :mod:`metaseg.engine.validation`) do score
-    the centre patches, a cheap proxy at the right scale for choosing checkpoints."""
+def patch_mode(dataset: Dataset, name: str, cfg: Any) -> Any:
+    """``cfg`` for scoring ``dataset``: a patch model (``data.patches``) scores whole images by
+    sliding window, so ``resize`` (which would score one centre patch) is an error for held-out
+    data; validation tasks (``cfg.validation``, set by :mod:`metaseg.engine.validation`) are
+    switched to ``slide`` with the evaluation's window and stride. They once scored centre
+    patches, a cheap proxy that misled: the centre of a fundus photograph is its nearly
+    vessel-free fovea, so validation Dice there said nothing about vessels."""
     transform = dataset_transform(dataset)
-    if getattr(transform, "patch", False) and cfg.mode != "slide" and not cfg.get("centre_patches", False):
+    if not getattr(transform, "patch", False) or cfg.mode == "slide":
+        return cfg
+    if not cfg.get("validation", False):
         raise ConfigError(f"dataset {name!r}: {PATCH_MODE_FIX}")
+    cfg = copy.deepcopy(cfg) if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
+    with open_dict(cfg):
+        cfg.mode = "slide"
+    return cfg
 
 
 def check_heldout_sizes(datasets: dict[str, Dataset], cfg: Any) -> None:
@@ -206,7 +215,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     ``zero_shot`` and ``adapted[k]`` predictions of them (episode 0).
     """
     validate_eval(cfg)
-    check_patch_mode(dataset, name, cfg)
+    cfg = patch_mode(dataset, name, cfg)
     n = len(dataset)
     cap = cfg.max_images
     kw: dict = {"mode": cfg.mode}

@@ -33,8 +33,8 @@ def validation_eval_cfg(eval_cfg: Any, *, adapt_lr: Optional[float] = None, adap
     cfg = copy.deepcopy(eval_cfg) if OmegaConf.is_config(eval_cfg) else OmegaConf.create(dict(eval_cfg))
     with open_dict(cfg):
         cfg.pictures = 0
-        cfg.mode = "resize"
-        cfg.centre_patches = True  # data.patches: validation scores each image's centre patch (cheap proxy)
+        cfg.mode = "resize"  # data.patches: slide instead (evaluate.patch_mode)
+        cfg.validation = True
         val_episodes = cfg.get("val_episodes")
         cfg.episodes = int(episodes if episodes is not None else
                            (val_episodes if val_episodes is not None else cfg.episodes))
