@@ -174,6 +174,7 @@ class EvalConfig:
     tune_steps: List[int] = field(default_factory=lambda: [3, 10])
     tune_episodes: Optional[int] = None  # episodes per validation dataset per grid point; null: val_episodes
     tune_metric: str = "miou"  # what tuning maximises: miou | mf1 | fg_dice | fg_iou (binary label spaces)
+    tune_datasets: Optional[List[str]] = None  # validation datasets whose mean score tuning maximises; null: all
 
 
 @dataclass

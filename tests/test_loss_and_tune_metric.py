@@ -91,3 +91,23 @@ def test_foreground_tune_metric_on_a_multiclass_mix_is_a_clear_error():
     with pytest.raises(ConfigError, match="eval.tune_metric='dice' is not one of"):
         cfg.eval.tune_metric = "dice"
         tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, torch.device("cpu"), 0, mix.classes)
+
+
+def test_tune_datasets_scores_only_the_named_validation_sets(root):  # noqa: F811
+    cfg = cfg_for(root, "data.val_fraction=0.34", "eval.shots=1", "eval.tune_lrs=[0.01,1.0]", "eval.tune_steps=[2]",
+                  "eval.tune_episodes=1", "eval.tune_metric=fg_dice", "model.extra.decoder_channels=[8,8,8]",
+                  "eval.max_images=2", "eval.tune_datasets=[retina_stare]")
+    mix = build_mix(cfg.data, validation=True)
+    assert set(mix.val) == {"retina_drive", "retina_stare"}
+    seed_everything(0)
+    learner = make_learner(build_model(cfg.model, 2), cfg.meta, Precision("32"))
+    record = tune_adaptation(learner, mix.val, 2, cfg.eval, torch.device("cpu"), 0, mix.classes)
+    assert record["datasets"] == ["retina_stare"]
+    for row in record["grid"]:  # the score is retina_stare's alone, not the mean with retina_drive
+        res = evaluate_validation(learner, {"retina_stare": mix.val["retina_stare"]}, 2, cfg.eval,
+                                  torch.device("cpu"), 0, mix.classes, adapt_lr=row["adapt_lr"],
+                                  adapt_steps=row["adapt_steps"], episodes=1, shots=1)
+        assert row["score"] == pytest.approx(res["mean"]["adapted_fg_dice"], abs=1e-12)
+    cfg.eval.tune_datasets = ["retina_chasedb1"]  # held out: it has no validation tasks
+    with pytest.raises(ConfigError, match="eval.tune_datasets: 'retina_chasedb1' has no validation tasks"):
+        tune_adaptation(learner, mix.val, 2, cfg.eval, torch.device("cpu"), 0, mix.classes)

@@ -10,8 +10,9 @@ erm, or ``checkpoint=none``), goes through the same selection:
    datasets (:mod:`metaseg.engine.validation`; ``eval.tune_episodes`` episodes each); a
    learner with learned step sizes (Meta-SGD, MAML++ LSLR) also tries them (``adapt_lr``
    null, recorded as such), first, since a fixed ``adapt_lr`` replaces them;
-2. choose the grid point with the highest mean adapted mIoU over the validation datasets
-   (the first one on a tie; NaN never wins);
+2. choose the grid point with the highest mean adapted score (``eval.tune_metric``) over the
+   validation datasets, or those ``eval.tune_datasets`` names (the first one on a tie; NaN
+   never wins);
 3. evaluate the held-out datasets with that choice.
 
 The grid, every score and the choice go into ``eval.json`` (or ``metrics.json``) under
@@ -72,6 +73,7 @@ def tune_adaptation(learner: MetaLearner, val: dict[str, Dataset], num_classes: 
     k, episodes = ks[0], tune_episodes(eval_cfg)
     if episodes < 1:
         raise ConfigError(f"eval.tune_episodes={episodes} must be >= 1")
+    val = tuning_datasets(val, eval_cfg.get("tune_datasets"))
     check_validation_sizes(val, [k])
     rows = []
     grid: list[tuple[Optional[float], int]] = list(tune_grid(eval_cfg))
@@ -95,6 +97,28 @@ def tune_adaptation(learner: MetaLearner, val: dict[str, Dataset], num_classes: 
              chosen["adapt_steps"], best["score"])
     return {"metric": f"validation mean.adapted_{metric} at {k} shots", "shots": k, "episodes": episodes,
             "datasets": list(val), "grid": rows, "chosen": chosen, "score": best["score"]}
+
+
+def tuning_datasets(val: dict[str, Dataset], names: Optional[Sequence[str]]) -> dict[str, Dataset]:
+    """The validation datasets ``eval.tune_datasets`` names (null: all of them).
+
+    One mean over unlike structures lets the majority decide: with lesions and membranes in
+    the mix, the step size that helps them can erase thin vessels. Naming the validation sets
+    of the structure a user is about to segment (the other retina sites, for a new retina
+    site) tunes for that structure. A name may be a dataset or one of its parts
+    (``NAME/CLASS`` in a ``binary_class`` mix); held-out datasets have no validation tasks and
+    can never be named.
+    """
+    if not names:
+        return val
+    picked: dict[str, Dataset] = {}
+    for name in names:
+        hits = {k: v for k, v in val.items() if k == name or k.startswith(f"{name}/")}
+        if not hits:
+            raise ConfigError(f"eval.tune_datasets: {name!r} has no validation tasks (validation datasets: "
+                              f"{', '.join(val)}); held-out datasets can never be tuned on")
+        picked.update(hits)
+    return picked
 
 
 def tuned_eval_cfg(eval_cfg: Any, tuning: dict) -> Any:
