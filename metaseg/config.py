@@ -201,6 +201,7 @@ class TrainConfig:
 class EvalRunConfig:
     checkpoint: str = MISSING  # path of a metaseg checkpoint (.pt), or none: a random-init baseline
     data: Optional[DataConfig] = None  # null: the checkpoint's own mix and held-out datasets
+    data_root: Optional[str] = None  # data null: the folder holding the checkpoint's datasets on this machine
     model: Optional[ModelConfig] = None  # checkpoint=none only: the model to initialise at random
     meta: Optional[MetaConfig] = None  # checkpoint=none only: adaptation defaults (inner_steps, inner_lr)
     eval: EvalConfig = field(default_factory=EvalConfig)

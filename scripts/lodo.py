@@ -18,7 +18,19 @@ span several sittings. The tables (``OUT/results.md``, ``OUT/results.json``) are
 whatever runs have finished. ``--set KEY=VALUE`` passes overrides to every run (for example
 ``--set trainer.max_steps=2000 data.size=128`` on a GPU).
 
+Two variants of the protocol, each into its own ``--out``:
+
+* ``--tune-same-kind``: adaptation is tuned on the validation sets of the training datasets of
+  the held-out set's kind only (``eval.tune_datasets``; the other retina sites for a retina
+  fold), not on the mean over vessels, polyps, lesions and membranes; a fold with no such
+  set (polyps) tunes on all of them, as before.
+* ``--checkpoints-from DIR``: the trained arms are not trained again; their ``best.pt`` in
+  ``DIR/FOLD/ARM/checkpoints`` is evaluated (``metaseg-eval``) with this invocation's
+  evaluation settings, on the checkpoint's own mix found under ``--data-root``. Re-scoring a finished study under another evaluation protocol costs
+  its evaluations only.
+
     python scripts/lodo.py --out outputs/lodo --jobs 2
+    python scripts/lodo.py --out outputs/lodo_kind --checkpoints-from outputs/lodo --tune-same-kind
 """
 
 from __future__ import annotations
@@ -60,16 +72,52 @@ def eval_overrides(extra: list[str]) -> list[str]:
     return [*out, f"meta.loss={cfg.meta.loss}"]
 
 
+KINDS = ("retina_", "polyp_", "skin_", "em_")  # datasets of one kind share a name prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _training_sets(fold: str, extra: tuple[str, ...]) -> tuple[str, ...]:
+    """The datasets a fold meta-trains on (``data.train``, else every dataset but the held-out one)."""
+    from hydra import compose, initialize_config_module
+
+    import metaseg.config  # noqa: F401 - registers the schemas
+
+    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
+        cfg = compose("train", ["experiment=lodo", f"data.heldout=[{fold}]", *extra])
+    names = list(cfg.data.train) if cfg.data.train else list(cfg.data.datasets)
+    return tuple(n for n in names if n not in cfg.data.heldout)
+
+
+def same_kind(fold: str, training: tuple[str, ...]) -> list[str]:
+    """The training datasets of ``fold``'s kind (empty when there is none)."""
+    kind = next((k for k in KINDS if fold.startswith(k)), None)
+    return [n for n in training if kind and n.startswith(kind)]
+
+
+def tune_overrides(fold: str, args) -> list[str]:
+    if not args.tune_same_kind:
+        return []
+    names = same_kind(fold, _training_sets(fold, tuple(args.set)))
+    return [f"eval.tune_datasets=[{','.join(names)}]"] if names else []
+
+
 def command(fold: str, arm: str, run: Path, args) -> list[str]:
     common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}",
               f"trainer.threads={args.threads}" if arm != "scratch" else f"seed={args.seed}"]
-    if arm == "scratch":
-        evals = [o for o in _eval_overrides(tuple(args.set)) if not o.startswith("eval.tune_steps=")]
-        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common, *evals,
-                f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]",
+    tune = tune_overrides(fold, args)
+    if arm == "scratch" or args.checkpoints_from:
+        evals = [o for o in _eval_overrides(tuple(args.set)) if not (arm == "scratch" and o.startswith("eval.tune_steps="))]
+        evals += [f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]"] if arm == "scratch" else []
+        if arm != "scratch":  # a trained arm of another study, evaluated with this one's settings
+            best = Path(args.checkpoints_from) / fold / arm / "checkpoints" / "best.pt"
+            evals = [o for o in evals if o.startswith("eval.")]  # model, meta and data: the checkpoint's
+            return [sys.executable, "-m", "metaseg.eval", f"checkpoint={best}", f"data_root={args.data_root}",
+                    f"hydra.run.dir={run}", f"seed={args.seed}", *evals, *tune,
+                    *[o for o in args.set if o.startswith("eval.")]]
+        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common, *evals, *tune,
                 *[o for o in args.set if o.startswith(("data.", "model."))]]
     return [sys.executable, "-m", "metaseg.train", "experiment=lodo", f"meta={arm}", f"seed={args.seed}", "trainer.resume=auto",
-            *common, *args.set]
+            *common, *tune, *args.set]
 
 
 def run_one(fold: str, arm: str, args) -> str:
@@ -167,6 +215,10 @@ def main() -> None:
     parser.add_argument("--scratch-steps", type=int, nargs="+", default=[10, 30],
                         help="fine-tuning steps scratch chooses from on validation tasks (the others: 10)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--tune-same-kind", action="store_true",
+                        help="tune adaptation on the validation sets of the held-out set's kind only (eval.tune_datasets)")
+    parser.add_argument("--checkpoints-from", metavar="DIR",
+                        help="evaluate the trained arms' best.pt of the study in DIR instead of training them")
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from finished runs")
     args = parser.parse_args()
     out = Path(args.out)
@@ -176,6 +228,14 @@ def main() -> None:
         # maml first (slowest, so parallel jobs finish together), then the controls, then the rest
         order = sorted(((f, a) for f in args.folds for a in args.arms), key=lambda fa: RUN_ORDER.index(fa[1]))
         _eval_overrides(tuple(args.set))  # composed once, here: Hydra's global state is not thread-safe
+        for fold in args.folds:
+            tune_overrides(fold, args)
+        if args.checkpoints_from:
+            missing = [f"{f}/{a}" for f in args.folds for a in args.arms if a != "scratch" and not
+                       (Path(args.checkpoints_from) / f / a / "checkpoints" / "best.pt").is_file()]
+            if missing:
+                sys.exit(f"lodo.py: error: --checkpoints-from {args.checkpoints_from} has no checkpoints/best.pt for "
+                         f"{', '.join(missing)}: train them there first, or leave those arms out (--arms)")
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             for message in pool.map(lambda fa: run_one(*fa, args), order):
                 print(message, flush=True)

@@ -95,3 +95,15 @@ def test_eval_refuses_a_checkpoint_that_runs_code(tmp_path):
                   cwd=tmp_path)
     assert out.returncode == 2 and "pwned" not in out.stdout
     assert "cannot be loaded as plain data" in out.stderr
+
+
+def test_eval_data_keys_with_a_checkpoint_say_what_to_pass(trained):
+    root, d = trained
+    out = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "data.root=/elsewhere",
+                  f"hydra.run.dir={root / 'E2'}", cwd=root)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "pass data_root=/elsewhere" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_cli("metaseg-eval", f"checkpoint={d / 'checkpoints' / 'last.pt'}", "data.size=64",
+                  f"hydra.run.dir={root / 'E2'}", cwd=root)
+    assert out.returncode == 2 and "pass data=NAME" in out.stderr
+    assert not (root / "E2" / "eval.json").exists()

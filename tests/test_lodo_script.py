@@ -54,3 +54,35 @@ def test_a_failing_run_is_reported_and_not_marked_done(tmp_path):
     assert result.returncode == 1 and "FAILED" in result.stdout
     assert not (tmp_path / "study" / "retina_chasedb1" / "erm" / "done.json").exists()
     assert "data" in (tmp_path / "study" / "retina_chasedb1" / "erm" / "log.txt").read_text()
+
+
+def test_rescoring_trained_arms_with_tuning_on_the_same_kind(tmp_path):
+    """--checkpoints-from evaluates another study's best.pt without training; --tune-same-kind
+    tunes on the held-out set's kind only (the retina sites, not the lesions)."""
+    for key, (h, w) in {"a": (40, 48), "b": (36, 60), "c": (50, 50)}.items():
+        folder_dataset(tmp_path / "data" / NAMES[key], n=8, h=h, w=w, masks=[stripes(h, w)] * 8)
+    folder_dataset(tmp_path / "data" / "skin_ph2", n=8, h=40, w=40, masks=[stripes(40, 40)] * 8)
+    tiny = [o if not o.startswith("data.train=") else "data.train=[retina_drive,retina_stare,skin_ph2]" for o in TINY]
+    root = tmp_path / "data"
+
+    def study(out, *extra):
+        cmd = [sys.executable, str(ROOT / "scripts" / "lodo.py"), "--out", str(out), "--data-root",
+               str(root), "--folds", "retina_chasedb1", "--arms", "erm", *extra, "--set", *tiny]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert study(tmp_path / "a").returncode == 0
+    trained = json.loads((tmp_path / "a" / "retina_chasedb1" / "erm" / "metrics.json").read_text())
+    assert trained["tune"]["datasets"] == ["retina_drive", "retina_stare", "skin_ph2"]  # all, by default
+    (tmp_path / "data").rename(tmp_path / "moved")  # the checkpoints' data.root is gone: data_root finds it
+    root = tmp_path / "moved"
+    result = study(tmp_path / "b", "--checkpoints-from", str(tmp_path / "a"), "--tune-same-kind")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "b" / "retina_chasedb1" / "erm"
+    assert not (run / "checkpoints").exists()  # evaluated, not trained
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["tune"]["datasets"] == ["retina_drive", "retina_stare"]
+    assert ev["checkpoint"].endswith(os.path.join("a", "retina_chasedb1", "erm", "checkpoints", "best.pt"))
+    assert "retina_chasedb1/erm" in json.loads((tmp_path / "b" / "results.json").read_text())
+    missing = study(tmp_path / "c", "--checkpoints-from", str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and "has no checkpoints/best.pt for retina_chasedb1/erm" in missing.stderr

@@ -101,6 +101,12 @@ def _from_checkpoint(cfg: Any):
     """(model with the checkpoint's weights, model config, meta config, mix, step, head record, meta state,
     the checkpoint's training data config)."""
     ckpt, train_cfg = read_checkpoint(cfg.checkpoint)
+    if cfg.get("data_root"):  # the checkpoint's datasets, found under another folder (another machine)
+        if cfg.data is not None:
+            raise ConfigError(f"data_root={cfg.data_root} moves the checkpoint's own mix, but data= names another "
+                              f"one: set its data.root instead")
+        with open_dict(train_cfg):
+            train_cfg.data.root = str(cfg.data_root)
     mix = heldout_mix(heldout_data(cfg.data, train_cfg.data))
     model, head = checkpoint_model(ckpt, train_cfg, mix.classes, str(cfg.checkpoint))
     return model, train_cfg.model, train_cfg.meta, mix, ckpt.get("step"), head, ckpt.get("meta_state"), train_cfg.data
