@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
 from metaseg.data.labels import mix_classes
+from metaseg.data.pairs import fg_fraction
 from metaseg.data.sources import ON_DISK, build_source
 from metaseg.data.splits import split_validation
 from metaseg.utils.errors import ConfigError
@@ -122,12 +123,7 @@ def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) ->
     if cfg.get("patches") and any(cfg.datasets[n].source not in ON_DISK for n in cfg.datasets):
         raise ConfigError("data.patches=true cuts patches from images on disk; the generated source renders at "
                           "data.size already: set data.patches=false")
-    fg = float(cfg.get("fg_patches") or 0.0)
-    if not 0 <= fg <= 1:
-        raise ConfigError(f"data.fg_patches={fg} must be in [0, 1] (the share of patches placed on foreground)")
-    if fg and not cfg.get("patches"):
-        raise ConfigError(f"data.fg_patches={fg} places patches, but data.patches=false serves whole images: set "
-                          f"data.patches=true, or data.fg_patches=0")
+    fg_fraction(cfg)  # a bad data.fg_patches stops the run before anything is decoded
     if cfg.size < 8:
         raise ConfigError(f"data.size={cfg.size} must be >= 8 (data=folder leaves it 0 for metaseg-eval to take "
                           f"the checkpoint's); set data.size=N")

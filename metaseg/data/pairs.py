@@ -216,8 +216,7 @@ def build_pair_dataset(name: str, pairs: Sequence[Pair], labels: LabelMap, data_
     return PairDataset(name, pairs, labels, size=int(data_cfg.size), num_classes=num_classes, where=where,
                        augment=data_cfg.augment if augment else None, seed=int(data_cfg.seed),
                        disk=disk_cache(data_cfg), workers=decode_workers(data_cfg),
-                       patch_scale=patch_scale(name, data_cfg),
-                       fg_fraction=float(data_cfg.get("fg_patches") or 0.0))
+                       patch_scale=patch_scale(name, data_cfg), fg_fraction=fg_fraction(data_cfg))
 
 
 def patch_scale(name: str, data_cfg: Any) -> Optional[float]:
@@ -229,3 +228,13 @@ def patch_scale(name: str, data_cfg: Any) -> Optional[float]:
         raise ConfigError(f"data.datasets.{name}.scale={scale} must be in (0, 4] (1: the original resolution)")
     return scale
 
+
+def fg_fraction(data_cfg: Any) -> float:
+    """``data.fg_patches``: the share of patches placed to contain foreground (``data.patches`` only)."""
+    value = float(data_cfg.get("fg_patches") or 0.0)
+    if not 0 <= value <= 1:
+        raise ConfigError(f"data.fg_patches={value} must be in [0, 1] (the share of patches placed on foreground)")
+    if value and not data_cfg.get("patches"):
+        raise ConfigError(f"data.fg_patches={value} places patches, but data.patches=false serves whole images: set "
+                          f"data.patches=true, or data.fg_patches=0")
+    return value
