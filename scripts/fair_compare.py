@@ -239,7 +239,8 @@ class Study:
 
     def measure_costs(self, arms: list[str], rounds: int) -> dict:
         """Seconds per outer step of the trained ``arms``' algorithms (and maml's), measured side by side
-        at this study's settings, once: ``costs.json`` is reused while the settings are the same."""
+        at this study's settings: ``costs.json`` is reused while it holds them all at these settings,
+        else they are all measured again together (never mixed with an earlier sitting's figures)."""
         algos = cost_algorithms(arms)
         overrides = {a: self.s.train_overrides(a, self.s.steps) for a in algos}
         path = self.s.out / COSTS
@@ -250,15 +251,10 @@ class Study:
 
         log.info("measuring seconds per outer step of %s side by side (%d rounds)", ", ".join(algos), rounds)
         runners = {a: prepare(compose_config("train", o)) for a, o in overrides.items()}
-        seconds = median_seconds(runners, rounds)
-        if old is not None:  # keep other algorithms measured earlier with these settings
-            seconds = {**{a: v for a, v in old["seconds"].items() if a not in seconds
-                          and old["overrides"].get(a) == self.s.train_overrides(a, self.s.steps)}, **seconds}
-            overrides = {**{a: old["overrides"][a] for a in seconds if a not in overrides}, **overrides}
-        out = {"rounds": rounds, "threads": 1, "seconds": seconds, "overrides": overrides}
+        out = {"rounds": rounds, "threads": 1, "seconds": median_seconds(runners, rounds), "overrides": overrides}
         self.s.out.mkdir(parents=True, exist_ok=True)
         _write_json(path, out)
-        log.info("seconds per outer step: %s", ", ".join(f"{a} {s:.3f}" for a, s in seconds.items()))
+        log.info("seconds per outer step: %s", ", ".join(f"{a} {s:.3f}" for a, s in out["seconds"].items()))
         return out
 
     def jobs(self, arms: list[str], with_time: bool) -> list[Job]:
