@@ -26,8 +26,8 @@ Two variants of the protocol, each into its own ``--out``:
   set (polyps) tunes on all of them, as before.
 * ``--checkpoints-from DIR``: the trained arms are not trained again; their ``best.pt`` in
   ``DIR/FOLD/ARM/checkpoints`` is evaluated (``metaseg-eval``) with this invocation's
-  evaluation settings, on the checkpoint's own mix found under ``--data-root``. Re-scoring a finished study under another evaluation protocol costs
-  its evaluations only.
+  evaluation settings, on the checkpoint's own mix found under ``--data-root``. Re-scoring a
+  finished study under another evaluation protocol costs its evaluations only.
 
     python scripts/lodo.py --out outputs/lodo --jobs 2
     python scripts/lodo.py --out outputs/lodo_kind --checkpoints-from outputs/lodo --tune-same-kind
@@ -102,22 +102,21 @@ def tune_overrides(fold: str, args) -> list[str]:
 
 
 def command(fold: str, arm: str, run: Path, args) -> list[str]:
-    common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}",
-              f"trainer.threads={args.threads}" if arm != "scratch" else f"seed={args.seed}"]
     tune = tune_overrides(fold, args)
-    if arm == "scratch" or args.checkpoints_from:
-        evals = [o for o in _eval_overrides(tuple(args.set)) if not (arm == "scratch" and o.startswith("eval.tune_steps="))]
-        evals += [f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]"] if arm == "scratch" else []
-        if arm != "scratch":  # a trained arm of another study, evaluated with this one's settings
-            best = Path(args.checkpoints_from) / fold / arm / "checkpoints" / "best.pt"
-            evals = [o for o in evals if o.startswith("eval.")]  # model, meta and data: the checkpoint's
-            return [sys.executable, "-m", "metaseg.eval", f"checkpoint={best}", f"data_root={args.data_root}",
-                    f"hydra.run.dir={run}", f"seed={args.seed}", *evals, *tune,
-                    *[o for o in args.set if o.startswith("eval.")]]
-        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common, *evals, *tune,
+    evals = list(_eval_overrides(tuple(args.set)))
+    if arm != "scratch" and args.checkpoints_from:  # a trained arm of another study, this study's evaluation
+        best = Path(args.checkpoints_from) / fold / arm / "checkpoints" / "best.pt"
+        return [sys.executable, "-m", "metaseg.eval", f"checkpoint={best}", f"data_root={args.data_root}",
+                f"hydra.run.dir={run}", f"seed={args.seed}", *[o for o in evals if o.startswith("eval.")], *tune,
+                *[o for o in args.set if o.startswith("eval.")]]  # model, meta and data: the checkpoint's
+    common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}"]
+    if arm == "scratch":
+        evals = [o for o in evals if not o.startswith("eval.tune_steps=")]
+        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common,
+                f"seed={args.seed}", *evals, f"eval.tune_steps=[{','.join(map(str, args.scratch_steps))}]", *tune,
                 *[o for o in args.set if o.startswith(("data.", "model."))]]
-    return [sys.executable, "-m", "metaseg.train", "experiment=lodo", f"meta={arm}", f"seed={args.seed}", "trainer.resume=auto",
-            *common, *tune, *args.set]
+    return [sys.executable, "-m", "metaseg.train", "experiment=lodo", f"meta={arm}", f"seed={args.seed}",
+            "trainer.resume=auto", *common, f"trainer.threads={args.threads}", *tune, *args.set]
 
 
 def run_one(fold: str, arm: str, args) -> str:
