@@ -94,6 +94,7 @@ class ModelConfig:
     encoder_weights: Optional[str] = None  # null (random init) or a local state-dict file
     in_channels: int = 3
     norm: str = "batch"  # batch (batch statistics, MAML style) | group
+    smooth: bool = False  # true: ReLU -> SiLU, max -> average pooling: twice differentiable (second-order MAML)
     extra: Dict[str, Any] = field(default_factory=dict)  # passed to smp.create_model
 
 

@@ -44,3 +44,18 @@ def test_unused_encoder_stages_are_dropped():
     assert isinstance(model.encoder.layer4, torch.nn.Identity)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_smooth_model_swaps_relu_and_max_pooling_and_keeps_the_weights():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(extra=SMALL), 2)
+    torch.manual_seed(0)
+    smooth = build_model(ModelConfig(smooth=True, extra=SMALL), 2)
+    kinds = {type(m) for m in smooth.modules()}
+    assert torch.nn.SiLU in kinds and torch.nn.AvgPool2d in kinds
+    assert not kinds & {torch.nn.ReLU, torch.nn.MaxPool2d}
+    assert torch.nn.ReLU in {type(m) for m in plain.modules()}
+    # same tensors by name, so encoder weights and checkpoints of either load into the other
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in smooth.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(plain(x), smooth(x))

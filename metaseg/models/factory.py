@@ -12,6 +12,13 @@ Two decisions live here rather than in the callers:
   for the inner loop to carry. At evaluation, images are normalised by the statistics of
   the batch they are scored in (``eval.batch_size``). ``model.norm: group`` swaps every
   BatchNorm for a GroupNorm, which needs no batch at all.
+* ``model.smooth: true`` swaps every ReLU for a SiLU and every max pooling for average
+  pooling. Second-order MAML differentiates the inner gradient once more; through ReLUs and
+  max pooling that gradient jumps wherever a pre-activation changes sign or a window's
+  maximum moves, so the adapted loss agrees with its exact meta-gradient only within ~1e-8 of
+  theta, and that gradient is hundreds of times the first-order one and unrelated to it
+  (``scripts/probe_meta_gradient.py``, BENCHMARKS.md). The smooth network is differentiable
+  twice everywhere.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ def set_norm(model: nn.Module, norm: str) -> nn.Module:
                 child.running_mean = None
                 child.running_var = None
                 child.num_batches_tracked = None
+    return model
+
+
+def make_smooth(model: nn.Module) -> nn.Module:
+    """Replace every ReLU by a SiLU and every max pooling by average pooling, in place."""
+    for module in list(model.modules()):  # a shared ReLU is replaced under every parent
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.SiLU())
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                   ceil_mode=child.ceil_mode, count_include_pad=False))
     return model
 
 
@@ -130,5 +149,7 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
         # Load before changing norms so a file with running stats still matches the encoder.
         load_encoder_weights(model, os.path.expanduser(str(weights)))
     set_norm(model, cfg.norm)
+    if getattr(cfg, "smooth", False):
+        make_smooth(model)
     drop_unused_modules(model, cfg.in_channels)
     return model
