@@ -6,7 +6,8 @@ structure, meta-trained on vessels, lesions and membranes). Arms (``--arms``), a
 same model, data, outer steps (ERM makes MAML's forward and backward passes per step; see
 ``budget.json``) and evaluation protocol (``experiment=lodo``: adaptation step size and
 step count chosen by ``eval.tune`` on validation tasks of the training sets, then the
-held-out set scored whole by sliding window, 10 seeded episodes per k):
+held-out set scored whole by sliding window, 5 seeded episodes per k; ``--set eval.episodes=10``
+with time to spare):
 
 * ``maml``, ``fomaml``, ``anil``, ``erm``: ``metaseg-train experiment=lodo meta=ARM``;
 * ``scratch``: random initialisation, k-shot fine-tuning only (``metaseg-eval
@@ -47,7 +48,7 @@ from pathlib import Path
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
-DEFAULT_ARMS = ["maml", "anil", "erm", "scratch"]  # fomaml: --arms ... fomaml (time)
+DEFAULT_ARMS = ARMS
 RUN_ORDER = ["maml", "erm", "scratch", "anil", "fomaml"]
 
 
