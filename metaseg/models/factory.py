@@ -1,6 +1,6 @@
 """Segmentation models from config: segmentation-models-pytorch, offline, meta-learning ready.
 
-Two decisions live here rather than in the callers:
+Three decisions live here rather than in the callers:
 
 * Weights are never downloaded. ``model.encoder_weights`` is ``null`` (random init) or the
   path of a local state-dict file for the encoder. A hub name such as ``imagenet`` fails
