@@ -48,7 +48,6 @@ from pathlib import Path
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["maml", "fomaml", "anil", "erm", "scratch"]
-DEFAULT_ARMS = ARMS
 RUN_ORDER = ["maml", "erm", "scratch", "anil", "fomaml"]
 
 
@@ -207,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/lodo", help="study folder (runs, results.md, results.json)")
     parser.add_argument("--folds", nargs="+", default=FOLDS, choices=FOLDS, help="held-out datasets")
-    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--data-root", default="../shared/data", help="folder holding the datasets")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")

@@ -30,14 +30,14 @@ from typing import Sequence
 
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.utils import parameters_to_vector
 
 import metaseg.config  # noqa: F401 - registers the schemas
-from metaseg.data.mix import build_mix
-from metaseg.data.tasks import Task, TaskSampler
+from metaseg.data.tasks import Task
 from metaseg.engine.build import make_learner
+from metaseg.engine.step_cost import prepare
 from metaseg.meta.precision import Precision
-from metaseg.models.factory import build_model
 
 EPS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
 
@@ -54,8 +54,10 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+def as_dtype(task: Task, dtype: torch.dtype) -> Task:
+    """``task`` with its images in ``dtype`` (the masks stay class indices)."""
+    return Task(task.dataset, (task.support[0].to(dtype), task.support[1]), (task.query[0].to(dtype), task.query[1]),
+                task.query_dataset)
 
 
 def meta_gradient(learner, task: Task) -> tuple[float, list[torch.Tensor]]:
@@ -100,27 +102,22 @@ def valid_radius(eps: Sequence[float], slopes: Sequence[float], expected: float,
 
 
 def setup(cfg: DictConfig, dtype: torch.dtype):
-    """The config's task sampler and a second- and a first-order learner sharing one model."""
-    torch.manual_seed(cfg.seed)
-    mix = build_mix(cfg.data, validation=True)
-    sampler = TaskSampler(mix.train, mix.weights, cfg.meta.shots, cfg.meta.query, seed=cfg.seed,
-                          query_from=cfg.meta.query_from)
-    model = build_model(cfg.model, mix.num_classes).to(dtype)
-    second = make_learner(model, cfg.meta, Precision("32", "cpu"))
-    cfg.meta.first_order = True
-    first = make_learner(model, cfg.meta, Precision("32", "cpu"))
-    return sampler, second, first
+    """The config's task sampler, its learner as ``metaseg-train`` builds it, and a first-order twin
+    of that learner on the same model (in ``dtype``)."""
+    runner = prepare(cfg)
+    runner.model.to(dtype)
+    first = make_learner(runner.model, OmegaConf.merge(cfg.meta, {"first_order": True}), Precision("32", "cpu"))
+    return runner.sampler, runner.learner, first
 
 
 def probe(cfg: DictConfig, tasks: int, eps: Sequence[float], dtype: torch.dtype = torch.float32) -> dict:
     sampler, second, first = setup(cfg, dtype)
     rows = []
     for i in range(tasks):
-        t = sampler.sample()
-        t = Task(t.dataset, (t.support[0].to(dtype), t.support[1]), (t.query[0].to(dtype), t.query[1]), t.query_dataset)
+        t = as_dtype(sampler.sample(), dtype)
         loss, g2 = meta_gradient(second, t)
         _, g1 = meta_gradient(first, t)
-        a, b = flat(g2), flat(g1)
+        a, b = parameters_to_vector(g2), parameters_to_vector(g1)
         rows.append({"dataset": t.dataset, "loss": loss, "g2": float(a.norm()), "g1": float(b.norm()),
                      "ratio": float(a.norm() / b.norm()), "cos": float(torch.nn.functional.cosine_similarity(a, b, 0))})
         print(f"task {i} {t.dataset}: |g2| {rows[-1]['g2']:.4g}  |g1| {rows[-1]['g1']:.4g}  "

@@ -41,8 +41,7 @@ def test_probe_gradients_are_the_learners_meta_gradients():
     """The probe's g2 is MetaLearner.outer_loss's gradient: the finite difference of that very loss agrees."""
     cfg = compose_cfg("train", [*TINY, "model.smooth=true"])
     sampler, second, _ = probe.setup(cfg, torch.float64)
-    t = sampler.sample()
-    t = type(t)(t.dataset, (t.support[0].double(), t.support[1]), (t.query[0].double(), t.query[1]), t.query_dataset)
+    t = probe.as_dtype(sampler.sample(), torch.float64)
     _, g = probe.meta_gradient(second, t)
     unit = [torch.randn_like(x) for x in g]  # a random direction: slope = <g, u> / |u|
     norm = math.sqrt(sum(float(u.pow(2).sum()) for u in unit))

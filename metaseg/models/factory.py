@@ -149,7 +149,7 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
         # Load before changing norms so a file with running stats still matches the encoder.
         load_encoder_weights(model, os.path.expanduser(str(weights)))
     set_norm(model, cfg.norm)
-    if getattr(cfg, "smooth", False):
+    if cfg.smooth:
         make_smooth(model)
     drop_unused_modules(model, cfg.in_channels)
     return model
