@@ -49,6 +49,15 @@ class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     vflip: float = 0.0  # probability of a vertical flip
     jitter: float = 0.0  # colour jitter strength (brightness, contrast, saturation)
+    # differences between imaging sites (camera, colour, contrast, resolution, blur), image only
+    # except zoom; all off by default, and an option that is off draws no random numbers
+    zoom: Optional[List[float]] = None  # data.patches: cut size/z, z log-uniform in [lo, hi] (>1 magnifies)
+    gamma: Optional[List[float]] = None  # image ** g, g log-uniform in [lo, hi]
+    blur: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # blur sigma range in pixels (uniform)
+    hue: float = 0.0  # hue shift uniform in [-hue, hue], at most 0.5
+    grayscale: float = 0.0  # probability the image turns grey (3 channels kept)
+    noise: float = 0.0  # additive Gaussian noise, std uniform in [0, noise] on the [0, 1] image
 
 
 @dataclass

@@ -6,6 +6,12 @@ interpolation (labels are never blended, 255 stays 255); photometric ops touch t
 are only resized to ``data.size``; meta-training data (``data.augment.enabled``) get a
 random-resized crop to ``data.size``, flips and optional colour jitter.
 
+A model trained on two imaging sites meets a third with another camera: other colours,
+contrast, resolution, blur and noise. The site options (``zoom``, ``gamma``, ``blur``, ``hue``,
+``grayscale``, ``noise``) widen the training distribution along those axes; all are off by
+default, and an option that is off draws nothing, so the crops of a config without them stay
+exactly what they were.
+
 Augmentation draws its parameters from its own ``torch.Generator``, seeded by ``data.seed``
 and the dataset name, so the same config gives the same crops on every run, and model code
 drawing from torch's global generator does not shift the augmentation stream (or back).
@@ -71,7 +77,44 @@ def patch_place(mask: torch.Tensor, size: int, g: torch.Generator, fg_fraction: 
     return random_patch(h, w, size, g)
 
 
-def check_augment(aug: Any) -> None:
+def _range(aug: Any, key: str) -> Optional[list[float]]:
+    """``data.augment.KEY`` as ``[low, high]`` with ``0 < low <= high``, or None (the option is off)."""
+    value = aug.get(key)
+    if value is None:
+        return None
+    try:
+        pair = [float(v) for v in value]
+    except (TypeError, ValueError):
+        pair = []
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+        raise ConfigError(f"data.augment.{key}={value} must be [low, high] with 0 < low <= high (null: off)")
+    return pair
+
+
+def _check_sites(aug: Any, patch: Optional[bool]) -> None:
+    """The imaging-site options; ``patch``: whether the transform cuts patches (None: unknown)."""
+    zoom = _range(aug, "zoom")
+    if zoom is not None and patch is False:
+        raise ConfigError(f"data.augment.zoom={zoom} rescales the patches of data.patches=true; without patches "
+                          f"data.augment.scale and ratio set the scale: set data.augment.zoom=null (or data.patches=true)")
+    _range(aug, "gamma")
+    for key in ("blur", "grayscale"):
+        if not 0 <= aug.get(key, 0.0) <= 1:
+            raise ConfigError(f"data.augment.{key}={aug.get(key)} is a probability: use a value in [0, 1]")
+    if aug.get("blur", 0.0) > 0 and _range(aug, "blur_sigma") is None:
+        raise ConfigError("data.augment.blur_sigma=null, but data.augment.blur > 0 needs it: set "
+                          "data.augment.blur_sigma=[low, high] (pixels, e.g. [0.1, 2.0])")
+    _range(aug, "blur_sigma")
+    if not 0 <= aug.get("hue", 0.0) <= 0.5:
+        raise ConfigError(f"data.augment.hue={aug.get('hue')} is a hue shift in turns: use a value in [0, 0.5]")
+    if not 0 <= aug.get("noise", 0.0) <= 1:
+        raise ConfigError(f"data.augment.noise={aug.get('noise')} is the largest noise std on [0, 1] images: "
+                          f"use a value in [0, 1]")
+
+
+def check_augment(aug: Any, patch: Optional[bool] = None) -> None:
+    """Every ``data.augment`` key, each problem a one-line ConfigError naming the key and the fix.
+    ``patch``: whether the data are patches (``data.patches``); None skips the zoom/patches check."""
     scale, ratio = list(aug.scale), list(aug.ratio)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.augment.scale={scale} must be [low, high] with 0 < low <= high <= 1")
@@ -82,6 +125,28 @@ def check_augment(aug: Any) -> None:
             raise ConfigError(f"data.augment.{key}={aug[key]} is a probability: use a value in [0, 1]")
     if not 0 <= aug.jitter < 1:
         raise ConfigError(f"data.augment.jitter={aug.jitter} must be in [0, 1)")
+    _check_sites(aug, patch)
+
+
+def log_uniform(low: float, high: float, g: torch.Generator) -> float:
+    """A factor log-uniform in ``[low, high]``: a magnification and a shrinkage by the same
+    ratio (zoom 2 and 0.5, gamma 2 and 0.5) are equally likely."""
+    u = float(torch.rand(1, generator=g))
+    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+
+
+def blur_kernel(sigma: float, height: int, width: int) -> int:
+    """Odd Gaussian kernel size ``2 * ceil(3 sigma) + 1`` (the kernel holds 99.7% of the weight),
+    shrunk to the largest odd size whose reflect padding the image still allows."""
+    k = 2 * math.ceil(3 * sigma) + 1
+    limit = 2 * min(height, width) - 1
+    return max(1, min(k, limit))
+
+
+def zoom_side(size: int, zoom: float, height: int, width: int) -> int:
+    """Side of the square cut for a ``size x size`` patch at magnification ``zoom``: ``size / zoom``
+    rounded, within the image (and at least one pixel)."""
+    return max(1, min(round(size / zoom), height, width))
 
 
 def crop_box(height: int, width: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
@@ -113,10 +178,12 @@ class JointTransform:
     """``(image (3, H, W) uint8 or float, mask (H, W)) -> (float (3, size, size) in [0, 1], int64 mask)``.
 
     Without augmentation: a resize to ``size x size``. With it: random-resized crop, flips and
-    colour jitter. ``patch`` (``data.patches``): a ``size x size`` crop at the cached scale instead
-    (centred without augmentation, at a random place with it, then flips and jitter) (brightness, contrast, saturation factors in ``[1 - jitter, 1 + jitter]``),
-    the v2 functional ops applied to the ``Image``/``Mask`` pair with parameters drawn from
-    this transform's own generator.
+    colour jitter (brightness, contrast, saturation factors in ``[1 - jitter, 1 + jitter]``).
+    ``patch`` (``data.patches``): a ``size x size`` crop at the cached scale instead (centred
+    without augmentation, at a random place with it, then flips and jitter); ``data.augment.zoom``
+    cuts a larger or smaller square there and resizes it to ``size``. Then the imaging-site
+    photometric ops on the image alone (:meth:`_sites`). The v2 functional ops are applied to
+    the ``Image``/``Mask`` pair with parameters drawn from this transform's own generator.
     """
 
     def __init__(self, size: int, aug: Optional[Any] = None, *, seed: int = 0, name: str = "", patch: bool = False,
@@ -127,7 +194,7 @@ class JointTransform:
         self.aug = aug if aug is not None and bool(aug.enabled) else None
         self.random = self.aug is not None
         if self.aug is not None:
-            check_augment(self.aug)
+            check_augment(self.aug, self.patch)
         self.generator = torch.Generator().manual_seed(
             (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
@@ -136,6 +203,49 @@ class JointTransform:
 
     def _factor(self, strength: float) -> float:
         return 1 + strength * (2 * float(torch.rand(1, generator=self.generator)) - 1)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand(1, generator=self.generator))
+
+    def _patch(self, img, msk):
+        """The ``size x size`` patch: centred without augmentation; else at a place from
+        :func:`patch_place`, cut as a square of side ``size / zoom`` when ``data.augment.zoom``
+        is set and resized to ``size`` (image bilinear, antialiased; mask nearest), so the model
+        sees vessels at the widths other sites' resolutions give them."""
+        h, w = img.shape[-2:]
+        if self.aug is None:  # the centre patch: a deterministic sample of the image
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+            return F.crop(img, top, left, self.size, self.size), F.crop(msk, top, left, self.size, self.size)
+        zoom = self.aug.get("zoom")
+        side = self.size if zoom is None else zoom_side(self.size, log_uniform(*zoom, self.generator), h, w)
+        top, left = patch_place(msk, side, self.generator, self.fg_fraction)
+        if side == self.size:
+            return F.crop(img, top, left, side, side), F.crop(msk, top, left, side, side)
+        out = [self.size, self.size]
+        return (F.resized_crop(img, top, left, side, side, out, antialias=True),
+                F.resized_crop(msk, top, left, side, side, out))  # masks: nearest, 255 stays 255
+
+    def _sites(self, img: torch.Tensor) -> torch.Tensor:
+        """The photometric differences between imaging sites, on the float [0, 1] image only,
+        after the geometric ops: camera colour (hue, grayscale), tone curve (gamma), optics
+        (blur), then sensor noise, which no lens blurs. An option that is off draws nothing."""
+        a = self.aug
+        hue = float(a.get("hue", 0.0))
+        if hue:
+            img = F.adjust_hue(img, self._uniform(-hue, hue))
+        if self._coin(float(a.get("grayscale", 0.0))):
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        if a.get("gamma") is not None:
+            img = F.adjust_gamma(img, log_uniform(*a.gamma, self.generator))
+        if self._coin(float(a.get("blur", 0.0))):
+            sigma = self._uniform(*a.blur_sigma)
+            k = blur_kernel(sigma, *img.shape[-2:])
+            img = F.gaussian_blur(img, [k, k], [sigma, sigma])
+        noise = float(a.get("noise", 0.0))
+        if noise:
+            std = self._uniform(0.0, noise)
+            img = (img + std * torch.randn(img.shape, generator=self.generator)).clamp_(0, 1)
+        return img
 
     def _flip_jitter(self, img, msk):
         a = self.aug
@@ -153,13 +263,7 @@ class JointTransform:
         img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
         out = [self.size, self.size]
         if self.patch:
-            h, w = img.shape[-2:]
-            if self.aug is None:  # the centre patch: a deterministic sample of the image
-                top, left = (h - self.size) // 2, (w - self.size) // 2
-            else:
-                top, left = patch_place(msk, self.size, self.generator, self.fg_fraction)
-            img = F.crop(img, top, left, self.size, self.size)
-            msk = F.crop(msk, top, left, self.size, self.size)
+            img, msk = self._patch(img, msk)
             if self.aug is not None:
                 img, msk = self._flip_jitter(img, msk)
         elif self.aug is None:
@@ -175,4 +279,6 @@ class JointTransform:
         img = img.as_subclass(torch.Tensor)
         if img.dtype == torch.uint8:
             img = img.float().div_(255)
+        if self.aug is not None:
+            img = self._sites(img)
         return img.contiguous(), msk.as_subclass(torch.Tensor).long()
