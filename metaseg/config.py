@@ -178,6 +178,9 @@ class EvalConfig:
     pictures: int = 4  # images per held-out dataset in the PNG grid (and tensorboard); 0: none
     support_patches: int = 8  # data.patches: random patches cut from each support image to adapt on
     val_episodes: Optional[int] = None  # episodes per validation dataset (best.pt, tune); null: episodes
+    # adaptation curve: held-out score after each of these step counts (0: none), for every k, on the
+    # protocol's episodes; eval.json "curve", eval.md, curve.png. []: off
+    curve_steps: List[int] = field(default_factory=list)
     # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
     tune: bool = False
     tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])

@@ -7,6 +7,9 @@
 * ``pictures/<dataset>.png``: a few query images of episode 0, one row each:
   image | ground truth | zero-shot prediction | k-shot prediction for every k, with each
   prediction's own mIoU under it and a class legend.
+* ``curve.png`` (``eval.curve_steps``): the adaptation curve, the score against adaptation
+  steps with one line per k and its 95% CI shaded, one panel per held-out dataset; its
+  numbers are tabled in ``eval.md`` (rows k, columns steps).
 
 All files are written atomically: a reader sees the previous file or the complete new one.
 """
@@ -270,9 +273,75 @@ def markdown_report(result: dict) -> str:
                 a = res.get("adapted", {}).get(k)
                 cells.append(_cell(a["iou"]["mean"][c], a["iou"]["ci95"][c]) if a else "–")
             out.append(f"| {cname} | " + " | ".join(cells) + " |")
+    out += _curve_tables(result)
     if result.get("pictures"):
         out += ["", "## Pictures", ""] + [f"- {n}: [{path}]({path})" for n, path in result["pictures"].items()]
     return "\n".join(out) + "\n"
+
+
+CURVE_LABELS = {"miou": "mIoU", "fg_dice": "foreground Dice"}
+CURVE_PNG = "curve.png"
+
+
+def _curves(result: dict) -> dict[str, dict]:
+    return {name: res["curve"] for name, res in result["datasets"].items() if res.get("curve")}
+
+
+def _curve_tables(result: dict) -> list[str]:
+    """``eval.md``'s adaptation-curve section: one table per dataset, rows k, columns steps."""
+    curves = _curves(result)
+    if not curves:
+        return []
+    out = ["", "## Adaptation curve (%), dataset reduction", "",
+           f"Score on each episode's query images after S adaptation steps (columns) from k shots (rows), "
+           f"mean ± 95% CI over episodes; plotted in [{CURVE_PNG}]({CURVE_PNG})."]
+    for name, curve in curves.items():
+        steps = next(iter(curve["shots"].values()), {})
+        out += ["", f"### {name}: {CURVE_LABELS.get(curve['metric'], curve['metric'])}", "",
+                "| k | " + " | ".join(f"{t} step{'' if t == '1' else 's'}" for t in steps) + " |",
+                "|---|" + "---:|" * len(steps)]
+        for k, by_steps in curve["shots"].items():
+            out.append(f"| {k}-shot | " + " | ".join(_cell(v["mean"], v["ci95"]) for v in by_steps.values()) + " |")
+    return out
+
+
+def plot_curves(result: dict, path: str | Path) -> None:
+    """``curve.png``: metric against adaptation steps, one line per k with its 95% CI shaded, one
+    panel per dataset. Steps run over orders of magnitude (0 to 100), so the axis is symmetric-log
+    then: linear near 0, where the first steps do most of the work, logarithmic beyond."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    curves = _curves(result)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.6), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        steps = []
+        for k, by_steps in curve["shots"].items():
+            steps = [int(t) for t in by_steps]
+            mean = np.array([_nan(v["mean"]) for v in by_steps.values()])
+            ci = np.array([_nan(v["ci95"]) for v in by_steps.values()])
+            line, = ax.plot(steps, mean, marker="o", label=f"{k}-shot")
+            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+        if steps and max(steps) >= 10:
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(steps, [str(t) for t in steps])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("adaptation steps")
+        ax.set_ylabel(CURVE_LABELS.get(curve["metric"], curve["metric"]))
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _nan(value: Any) -> float:
+    """JSON's null (a NaN written out) back to NaN, so matplotlib leaves a gap."""
+    return float("nan") if value is None else float(value)
 
 
 CSV_FIELDS = ("dataset", "setting", "shots", "reduction", "metric", "class", "mean", "ci95", "n")
@@ -325,7 +394,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_reports(result: dict, pictures: dict[str, torch.Tensor], run_dir: str | Path) -> dict[str, str]:
-    """Write ``pictures/<name>.png``, ``eval.csv`` and ``eval.md`` under ``run_dir``; returns the picture paths."""
+    """Write ``pictures/<name>.png``, ``curve.png`` (with a curve), ``eval.csv`` and ``eval.md`` under
+    ``run_dir``; returns the picture paths."""
     run_dir = Path(run_dir)
     paths = {}
     for name, grid in pictures.items():
@@ -333,6 +403,8 @@ def write_reports(result: dict, pictures: dict[str, torch.Tensor], run_dir: str 
         save_png(grid, run_dir / rel)
         paths[name] = rel
     result = {**result, "pictures": paths}
+    if _curves(result):
+        plot_curves(result, run_dir / CURVE_PNG)
     _write_text(run_dir / "eval.csv", csv_report(result))
     _write_text(run_dir / "eval.md", markdown_report(result))
     return paths

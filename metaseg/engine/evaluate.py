@@ -12,6 +12,13 @@ For each held-out dataset of n images:
    with ``eval.adapt_steps`` / ``eval.adapt_lr`` (default: the checkpoint's K and alpha).
 3. **Summary.** For each k, the mean and 95% interval (1.96 s / sqrt(episodes)) of every
    score over the episodes.
+4. **Adaptation curve** (``eval.curve_steps``, off by default). On the same episodes and query
+   images, the score after each listed number of steps S (0: theta itself, or the new head's
+   prototype start), for every k: the figure where meta-learning claims its advantage. One
+   adaptation per (k, episode) runs to the largest S and is scored on the way
+   (``MetaLearner.adapt``'s ``visit``), so it costs one adaptation, not one per S, and gives
+   the numbers a separate ``eval.adapt_steps=S`` run gives. Learned per-step rates (Meta-SGD,
+   MAML++) reuse the last trained step's rates beyond K, as ``adapt`` always does.
 
 Under torchrun the episodes are split over the processes (``metaseg.engine.distributed``) and
 gathered in episode order, so every process returns the numbers one process would.
@@ -25,6 +32,7 @@ graph.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 import zlib
@@ -80,9 +88,46 @@ def shot_list(cfg: Any) -> list[int]:
     raise ConfigError(f"eval.shots={shots!r} must be an integer >= 0 or a list of them, e.g. eval.shots=[1,5,10]")
 
 
+def curve_steps(cfg: Any) -> list[int]:
+    """``eval.curve_steps`` in increasing order: the step counts of the adaptation curve; ``[]``: none.
+
+    Validated here rather than trusted from the schema, so a config built by hand (a dict, an
+    older checkpoint's config) fails with the key's name, not deep inside the episode loop.
+    """
+    steps = cfg.get("curve_steps")
+    if steps is None:
+        return []
+    if not isinstance(steps, (list, tuple, ListConfig)):
+        raise ConfigError(f"eval.curve_steps={steps!r} must be a list of step counts >= 0, "
+                          f"e.g. eval.curve_steps=[0,1,3,10,30,100]")
+    values = list(steps)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in values):
+        raise ConfigError(f"eval.curve_steps={values} must list integers >= 0, e.g. eval.curve_steps=[0,1,3,10,30,100]")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"eval.curve_steps={values} names a step count twice; list each once")
+    return sorted(values)
+
+
+def run_curve(cfg: Any) -> list[int]:
+    """The curve's step counts this evaluation scores: none on validation tasks, which pick
+    ``best.pt`` and tune adaptation at every evaluation and would pay for a figure nobody reads."""
+    return [] if cfg.get("validation", False) else curve_steps(cfg)
+
+
+def curve_metric(num_classes: int) -> str:
+    """The curve's score: foreground Dice for a binary label space (what vessel, polyp and lesion
+    papers plot), mIoU otherwise; both the dataset reduction, like the top-level scores."""
+    return "fg_dice" if num_classes == 2 else "miou"
+
+
 def validate_eval(cfg: Any) -> None:
     """Checks of an ``EvalConfig`` the schema cannot express; one line naming the key."""
     shot_list(cfg)
+    steps = run_curve(cfg)
+    if steps and (not shot_list(cfg) or cfg.episodes < 1):
+        raise ConfigError(f"eval.curve_steps={steps} needs few-shot episodes, but eval.shots={cfg.shots} and "
+                          f"eval.episodes={cfg.episodes}: set eval.shots=[1,5,10] and eval.episodes>=1, "
+                          f"or eval.curve_steps=[]")
     for key, low in (("episodes", 0), ("batch_size", 1), ("pictures", 0)):
         if getattr(cfg, key) < low:
             raise ConfigError(f"eval.{key}={getattr(cfg, key)} must be >= {low}")
@@ -227,6 +272,8 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         raise ConfigError(f"held-out dataset {name!r} has {n} images: eval.shots={largest} leaves none to "
                           f"score; lower eval.shots")
     orders = [episode_rng(seed, name, e).permutation(n) for e in range(cfg.episodes if ks else 0)]
+    curve = run_curve(cfg)
+    metric = curve_metric(num_classes)
 
     zero_indices = list(range(n))[:cap]
     if gallery is not None:
@@ -259,16 +306,17 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         for k in ks:
             support = order[:k]
             images, masks = support_batch(dataset, support, cfg, [seed, zlib.crc32(name.encode()), e, k])
-            adapted = learner.adapt(images.to(device), masks.to(device), steps=steps, lr=lr)
             capture = dict.fromkeys(gallery["indices"]) if gallery is not None and e == 0 else None
-            s = score(adapted, dataset, query, num_classes, device, cfg.batch_size, learner.precision,
-                      capture=capture, **kw)
-            del adapted
+            scorer = functools.partial(score, dataset=dataset, indices=query, num_classes=num_classes, device=device,
+                                       batch_size=cfg.batch_size, precision=learner.precision, **kw)
+            s, points = adapt_and_score(learner, images.to(device), masks.to(device), steps, lr, curve, scorer,
+                                        capture)
             if capture is not None:
                 gallery["adapted"][k] = capture
             record = {"support": [int(i) for i in support], "seed": [seed, zlib.crc32(name.encode()), e]}
             record.update({key: s[key] for key in (*_summary_keys(s), *PER_CLASS)})
             record["image"] = {key: s["image"][key] for key in (*_summary_keys(s), *PER_CLASS)}
+            record["curve"] = {t: points[t][metric] for t in curve}  # gathered with the episode it belongs to
             episodes[k].append((e, record))
     episodes = {k: [r for _, r in sorted(gather(episodes[k]), key=lambda er: er[0])] for k in ks}
 
@@ -287,7 +335,42 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
         summaries[k] = summary
     # The first k's summary at the top level (the eval.json contract), every k under its own key.
     result["adapted"] = {**summaries[ks[0]], **{str(k): summaries[k] for k in ks}}
+    if curve:
+        result["curve"] = curve_summary(metric, {k: [ep["curve"] for ep in episodes[k]] for k in ks}, curve)
     return result
+
+
+def adapt_and_score(learner: MetaLearner, images: torch.Tensor, masks: torch.Tensor, steps: int,
+                    lr: Optional[float], curve: Sequence[int], scorer, capture: Optional[dict]
+                    ) -> tuple[dict, dict[int, dict]]:
+    """The scores after ``steps`` adaptation steps, and after every step count of ``curve``.
+
+    With a curve, one adaptation runs to the largest count and ``scorer(model, capture=...)`` scores
+    the model at each count on the way, the protocol's own ``steps`` included: one adaptation
+    per (k, episode) serves the table and the curve. A wrapper's ``adapt`` (a new head set from
+    the support) passes ``at``/``visit`` through, so its preparation holds for every count.
+    """
+    if not curve:
+        adapted = learner.adapt(images, masks, steps=steps, lr=lr)
+        return scorer(adapted, capture=capture), {}
+    found: dict[int, dict] = {}
+
+    def visit(t: int, model: nn.Module) -> None:
+        found[t] = scorer(model, capture=capture if t == steps else None)
+
+    learner.adapt(images, masks, steps=max(steps, curve[-1]), lr=lr, at=sorted({*curve, steps}), visit=visit)
+    return found[steps], {t: found[t] for t in curve}
+
+
+def curve_summary(metric: str, points: dict[int, list[dict[int, float]]], curve: Sequence[int]) -> dict:
+    """The ``curve`` entry of ``eval.json``: ``{"metric", "shots": {k: {steps: {"mean", "ci95"}}}}``,
+    mean and 95% CI over episodes; keys are strings, as JSON has them."""
+    def summary(values: list[float]) -> dict:
+        m = mean_ci95(values)
+        return {"mean": m["mean"], "ci95": m["ci95"]}
+
+    return {"metric": metric,
+            "shots": {str(k): {str(t): summary([ep[t] for ep in eps]) for t in curve} for k, eps in points.items()}}
 
 
 def default_adapt_lr(learner: MetaLearner) -> Optional[float]:
@@ -307,6 +390,7 @@ def protocol(cfg: Any, learner: MetaLearner, seed: int) -> dict:
         "reductions": "top-level scores: dataset reduction (one confusion matrix over all scored images); "
                       "'image': image reduction (per-image scores averaged)",
         "ci95": "1.96 * sample std / sqrt(episodes)",
+        **({"curve_steps": run_curve(cfg)} if run_curve(cfg) else {}),
     }
 
 
@@ -349,6 +433,10 @@ def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_cla
             msg += (f" | {k}-shot mIoU {a['miou']['mean']:.3f} +- {a['miou']['ci95']:.3f}"
                     f" mF1 {a['mf1']['mean']:.3f} +- {a['mf1']['ci95']:.3f}")
         log.info("%s (%.1fs)", msg, out.seconds[name])
+        if "curve" in res:
+            log.info("[%s] adaptation curve, %s after steps: %s", name, res["curve"]["metric"], "; ".join(
+                f"{k}-shot " + " ".join(f"{t}:{v['mean']:.3f}" for t, v in by_steps.items())
+                for k, by_steps in res["curve"]["shots"].items()))
     if datasets:
         out["mean"] = _dataset_means(out["datasets"])
     return out

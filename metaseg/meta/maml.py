@@ -209,32 +209,62 @@ class MetaLearner(Algorithm):
         return float(self.inner.loss_at(self.inner.theta(), *task.query))
 
     def adapted_params(self, images: torch.Tensor, masks: torch.Tensor, *, steps: Optional[int] = None,
-                       lr: Optional[float] = None, losses: Optional[list] = None) -> Params:
+                       lr: Optional[float] = None, losses: Optional[list] = None, at: Sequence[int] = (),
+                       visit: Optional[Callable[[int, Params], None]] = None) -> Params:
         """Fast weights after the inner loop on ``(images, masks)``, with no graph to theta.
 
         Under fp16, a non-finite inner gradient restarts adaptation at half the scale.
         ``losses``, if given, receives the inner losses (floats) of the final attempt.
+        ``visit(t, fast)`` is called once for every step count t of ``at`` (each <= ``steps``)
+        with the fast weights after t steps, in increasing t: one adaptation gives the weights
+        of every shorter one on the way (the adaptation curve of ``metaseg-eval``). The loop runs
+        in chunks between those counts, each continuing from the previous weights, so every
+        visited weight is the one ``adapted_params(steps=t)`` returns; ``visit`` runs outside
+        the inner loop's grad and memo contexts.
         """
         steps = self.inner_steps if steps is None else int(steps)
+        wanted = sorted({int(t) for t in at})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] <= steps:
+            raise ValueError(f"snapshot step counts {wanted} must lie in 0..steps={steps}")
+        stops = [t for t in wanted if t < steps] + [steps]
+        visited: set[int] = set()
         was_training = self.model.training
         self.model.train()
         try:
-            for _ in range(32):
+            for attempt in range(32):
                 self.precision.nonfinite = False
-                fast = self.inner.detached()
-                seen = []
-                with torch.enable_grad(), self.inner.reusing():
-                    for k in range(steps):
-                        loss = self.inner.loss_at(fast, images, masks)
-                        seen.append(loss.detach())
-                        fast = self.inner.step(fast, loss, self.rate(k, lr), create_graph=False, detach=True)
-                if not (self.precision.nonfinite and self.precision.mode == "16"):
+                fast, done, seen = self.inner.detached(), 0, []
+                for stop in stops:
+                    fast = self._inner_chunk(fast, images, masks, range(done, stop), lr, seen)
+                    done = stop
+                    if self._overflowed() and attempt < 31:
+                        break  # restart at half the scale, as a separate adaptation to any later count would
+                    if visit is not None and stop in wanted and stop not in visited:
+                        visited.add(stop)
+                        visit(stop, fast)
+                if not self._overflowed():
                     break
                 self.precision.scale /= 2
         finally:
             self.model.train(was_training)
         if losses is not None:
             losses.extend(float(v) for v in seen)
+        return fast
+
+    def _overflowed(self) -> bool:
+        """fp16: an inner gradient of this attempt was not finite (the adaptation restarts)."""
+        return self.precision.nonfinite and self.precision.mode == "16"
+
+    def _inner_chunk(self, fast: Params, images: torch.Tensor, masks: torch.Tensor, ks: range,
+                     lr: Optional[float], seen: list) -> Params:
+        """Inner steps ``ks`` (their indices pick learned per-step rates) from ``fast``; no graph kept."""
+        if not ks:
+            return fast
+        with torch.enable_grad(), self.inner.reusing():
+            for k in ks:
+                loss = self.inner.loss_at(fast, images, masks)
+                seen.append(loss.detach())
+                fast = self.inner.step(fast, loss, self.rate(k, lr), create_graph=False, detach=True)
         return fast
 
     def adapt(
@@ -244,15 +274,39 @@ class MetaLearner(Algorithm):
         *,
         steps: Optional[int] = None,
         lr: Optional[float] = None,
+        at: Sequence[int] = (),
+        visit: Optional[Callable[[int, nn.Module], None]] = None,
     ) -> nn.Module:
         """A copy of the model after the inner loop on ``(images, masks)``; the model is untouched.
 
         ``steps`` and ``lr`` default to the meta-training K and alpha (learned step sizes,
         if the algorithm has them; an explicit ``lr`` replaces them). Only the inner
         parameters change (ANIL adapts its head only, at training and test time alike).
+        ``visit(t, model)``: called with the model adapted for t steps, for every t of ``at``,
+        on the way (see :meth:`adapted_params`). It is one copy, reloaded at every count and
+        finally returned (a deep copy per count would cost more than scoring a small model):
+        use it within the call. A wrapper that prepares the model before adapting (a new head)
+        passes both through and its preparation holds for every count.
         """
-        fast = self.adapted_params(images, masks, steps=steps, lr=lr)
-        adapted = copy.deepcopy(self.model).train()
+        adapted: Optional[nn.Module] = None
+
+        def load(fast: Params) -> nn.Module:
+            nonlocal adapted
+            adapted = self.with_weights(fast, into=adapted)
+            return adapted
+
+        hook = None if visit is None else (lambda t, fast: visit(t, load(fast)))
+        return load(self.adapted_params(images, masks, steps=steps, lr=lr, at=at, visit=hook))
+
+    def with_weights(self, fast: Params, into: Optional[nn.Module] = None) -> nn.Module:
+        """A copy of the model in training mode with the inner parameters set to ``fast``;
+        ``into``: an earlier such copy, reloaded (all of the model's state, then ``fast``)."""
+        if into is None:
+            adapted = copy.deepcopy(self.model)
+        else:
+            adapted = into
+            adapted.load_state_dict(self.model.state_dict())
+        adapted.train()
         with torch.no_grad():
             for name, p in adapted.named_parameters():
                 if name in self.inner.names:
