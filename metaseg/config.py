@@ -158,6 +158,9 @@ class TrainerConfig:
     patience: Optional[int] = None  # early stopping: evaluations without a better best_metric; null: never
     best_mode: str = "max"  # max | min
     monitor_tasks: int = 1  # fixed tasks whose query loss after 0..K inner steps is logged (0: off)
+    # always: every evaluation scores the held-out datasets too | final: only the last one does, so the
+    # learning curve (eval_every) reads validation tasks alone and costs nothing on held-out images
+    eval_heldout: str = "always"
 
 
 @dataclass

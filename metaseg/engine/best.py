@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
+from metaseg.data.pairs import few
 from metaseg.utils.errors import ConfigError
 
 MODES = ("max", "min")
@@ -32,7 +33,9 @@ def metric_value(result: Mapping, name: str, key: str = "trainer.best_metric") -
     node: Any = result
     for part in name.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            available = ", ".join(k for k in numeric_leaves(result) if not k.startswith("classes")) or "none"
+            leaves = [k for k in numeric_leaves(result) if not k.startswith("classes")]
+            leaves.sort(key=lambda k: not k.startswith(("mean.", "val.mean.")))  # the means first: what one picks
+            available = few(leaves, 12) if leaves else "none"
             raise ConfigError(f"{key}={name!r} is not in the evaluation result; available: {available}")
         node = node[part]
     if node is None:

@@ -398,6 +398,9 @@ def _dataset_means(datasets: dict) -> dict:
     per = list(datasets.values())
     mean = {"zero_shot_miou": float(np.mean([r["zero_shot"]["miou"] for r in per])),
             "zero_shot_mf1": float(np.mean([r["zero_shot"]["mf1"] for r in per]))}
+    for key in BINARY_KEYS:  # binary label spaces: the foreground's zero-shot scores (erm's best.pt, learning curve)
+        if per and all(key in r["zero_shot"] for r in per):
+            mean[f"zero_shot_{key}"] = float(np.mean([r["zero_shot"][key] for r in per]))
     if per and all("adapted" in r for r in per):
         mean["adapted_miou"] = float(np.mean([r["adapted"]["miou"]["mean"] for r in per]))
         mean["adapted_mf1"] = float(np.mean([r["adapted"]["mf1"]["mean"] for r in per]))

@@ -12,13 +12,14 @@ the training's random streams, so the order of the work below is free to change.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
 from metaseg.data.mix import build_mix
@@ -28,6 +29,7 @@ from metaseg.engine.best import BestTracker
 from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
+from metaseg.engine.eval_report import CURVE_PNG, plot_curves
 from metaseg.engine.evaluate import PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
 from metaseg.engine.init_from import initialise
@@ -42,6 +44,7 @@ from metaseg.utils.errors import ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
+HELDOUT_EVALS = ("always", "final")  # trainer.eval_heldout: which evaluations score the held-out datasets
 
 
 def validate(cfg: Any) -> None:
@@ -60,6 +63,12 @@ def validate(cfg: Any) -> None:
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if t.eval_heldout not in HELDOUT_EVALS:
+        raise ConfigError(f"trainer.eval_heldout={t.eval_heldout!r} is not one of {', '.join(HELDOUT_EVALS)}")
+    if t.eval_heldout == "final" and t.eval_every and not t.best_metric.startswith("val."):
+        raise ConfigError(f"trainer.eval_heldout=final scores held-out datasets at the last evaluation only, so "
+                          f"trainer.best_metric={t.best_metric!r} cannot be read before it: pick a validation "
+                          f"metric (val.{t.best_metric}) or trainer.eval_heldout=always")
     if t.best_mode not in ("max", "min"):
         raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
     if t.best_metric.removeprefix("val.").startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
@@ -91,6 +100,16 @@ def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
                     writer.add_scalar(f"heldout/{name}/{k}shot_{key}", res["adapted"][k][key]["mean"], step)
     for name, grid in getattr(result, "pictures", {}).items():
         writer.add_image(f"predictions/{name}", grid, step)
+
+
+def without_curve(eval_cfg: Any) -> Any:
+    """``eval_cfg`` with no adaptation curve: intermediate evaluations pick best.pt, not figures."""
+    if not eval_cfg.get("curve_steps"):
+        return eval_cfg
+    cfg = copy.deepcopy(eval_cfg)
+    with open_dict(cfg):
+        cfg.curve_steps = []
+    return cfg
 
 
 def stop_early(trainer_cfg, best: BestTracker, step: int) -> bool:
@@ -127,7 +146,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/validation.py)
     check_selection_metric(cfg.trainer.best_metric, mix.val, mix.heldout)
     if cfg.eval.episodes >= 1:
-        check_validation_sizes(mix.val, shot_list(cfg.eval))
+        check_validation_sizes(mix.val, shot_list(cfg.eval)[:1])  # validation adapts with the first k only
     sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
     sampler.shard(ctx.rank, ctx.world_size)  # same stream on every rank, each loads its slice
     check_heldout_sizes(mix.heldout, cfg.eval)
@@ -166,11 +185,12 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
 
     def evaluate(step: int, final: bool = False) -> dict:
         with rng_isolated():
-            eval_cfg = cfg.eval
+            eval_cfg = cfg.eval if final else without_curve(cfg.eval)  # the adaptation curve: once, at the end
             if final and cfg.eval.tune:  # the final held-out scores with adaptation tuned on validation tasks
                 tuning = tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
                 eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
-            result = evaluate_heldout(learner, mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
+            heldout = mix.heldout if final or cfg.trainer.eval_heldout == "always" else {}
+            result = evaluate_heldout(learner, heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
             if final and cfg.eval.tune:
                 result["tune"] = tuning
             if writer is not None:
@@ -251,6 +271,8 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     spent = write_budget(run_dir, budget, seconds, {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
     metrics["budget"] = {k: v for k, v in spent["total"].items() if not k.endswith("seconds")}
     write_json(run_dir / "metrics.json", metrics)
+    if any("curve" in r for r in result.get("datasets", {}).values()):
+        plot_curves(result, run_dir / CURVE_PNG)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
                                          "processes": ctx.world_size,
                                          "steps_per_second": (step - start_step) / seconds if seconds else None})

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from metaseg.engine.evaluate import evaluate_heldout
+from metaseg.engine.evaluate import evaluate_heldout, shot_list
 from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 
@@ -29,7 +29,8 @@ VAL_PREFIX = "val."
 
 def validation_eval_cfg(eval_cfg: Any, *, adapt_lr: Optional[float] = None, adapt_steps: Optional[int] = None,
                         episodes: Optional[int] = None, shots: Optional[Any] = None) -> Any:
-    """``eval_cfg`` as validation runs it: no pictures, ``eval.val_episodes`` episodes, optional overrides."""
+    """``eval_cfg`` as validation runs it: no pictures, ``eval.val_episodes`` episodes, the first k of
+    ``eval.shots``, optional overrides."""
     cfg = copy.deepcopy(eval_cfg) if OmegaConf.is_config(eval_cfg) else OmegaConf.create(dict(eval_cfg))
     with open_dict(cfg):
         cfg.pictures = 0
@@ -38,8 +39,9 @@ def validation_eval_cfg(eval_cfg: Any, *, adapt_lr: Optional[float] = None, adap
         val_episodes = cfg.get("val_episodes")
         cfg.episodes = int(episodes if episodes is not None else
                            (val_episodes if val_episodes is not None else cfg.episodes))
-        if shots is not None:
-            cfg.shots = shots
+        # the first k of eval.shots: the one best.pt (mean.adapted_*) and eval.tune read; a small
+        # training site need not keep images for the held-out protocol's largest k
+        cfg.shots = shots if shots is not None else shot_list(cfg)[:1]
         if adapt_lr is not None:
             cfg.adapt_lr = float(adapt_lr)
         if adapt_steps is not None:

@@ -1,0 +1,309 @@
+"""The converged study: meta-learning against joint training, with models that work.
+
+Four folds (``--folds``): each retina site held out in turn (trained on the other two sites
+plus polyps, lesions and membranes), and the polyps held out (trained on vessels, lesions and
+membranes). Per fold, six arms, all on one network, one data mix and one evaluation protocol
+(``experiment=converged``: adaptation step size chosen on validation tasks of the training
+sets, the held-out set scored whole at native resolution, seeded episodes, the adaptation
+curve over ``eval.shots`` x ``eval.curve_steps``):
+
+* ``erm``: joint training with the converged recipe (``experiment=converged meta=erm``);
+* ``fomaml``, ``anil``, ``maml``: a meta stage from erm's ``best.pt`` (``experiment=converged_meta
+  meta=ARM meta.init_from=...``), the same outer steps, tasks and images for each;
+* ``erm_more``: erm continued from the same checkpoint for the same meta-stage steps, tasks and
+  images (``experiment=converged_meta meta=erm``): every two-stage arm's twin at equal images;
+* ``scratch``: a random initialisation of the same network, adapted only (``metaseg-eval
+  checkpoint=none``).
+
+Every run goes to ``OUT/FOLD/ARM`` with its log. A finished run (``done.json``) is not redone;
+an interrupted training run resumes from its last checkpoint (``trainer.resume=auto``), so the
+study spans sittings: rerun the same command. Two-stage arms wait for their fold's erm run;
+a failed erm run marks them skipped. The tables (``OUT/results.md``, ``OUT/results.json``) and
+figures (``OUT/curves.png``, ``OUT/learning.png``) are rebuilt from whatever runs have finished.
+
+    python scripts/study.py --out outputs/study --jobs 2
+    python scripts/study.py --out outputs/study --tables-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
+ARMS = ["erm", "fomaml", "anil", "maml", "erm_more", "scratch"]
+STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "erm_more": "erm"}  # arm -> meta stage algorithm
+BASE = "erm"  # the run every staged arm starts from
+
+
+# -- commands -----------------------------------------------------------------------------
+def eval_block(extra: list[str]) -> list[str]:
+    """``experiment=converged``'s eval block and model as overrides for ``metaseg-eval checkpoint=none``."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import metaseg.config  # noqa: F401 - registers the schemas
+
+    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
+        cfg = compose("train", ["experiment=converged", *extra])
+
+    def flat(prefix: str, node: dict) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += flat(f"{prefix}.{key}", value)
+            else:
+                out.append(f"{prefix}.{key}=" + (json.dumps(value).replace(" ", "") if value is not None else "null"))
+        return out
+
+    model = OmegaConf.to_container(cfg.model)
+    meta = {"loss": cfg.meta.loss, "inner_lr": cfg.meta.inner_lr, "inner_steps": cfg.meta.inner_steps}
+    return flat("eval", OmegaConf.to_container(cfg.eval)) + flat("model", model) + flat("meta", meta)
+
+
+def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> list[str]:
+    """The command line of one run."""
+    common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}", f"seed={args.seed}"]
+    if arm == "scratch":
+        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common,
+                *scratch_evals, *[o for o in args.set if o.startswith(("data.", "eval."))]]
+    threads = [f"trainer.threads={args.threads}", "trainer.resume=auto"]
+    if arm == BASE:
+        return [sys.executable, "-m", "metaseg.train", "experiment=converged", "meta=erm", *common, *threads,
+                *args.set]
+    init = Path(args.out) / fold / BASE / "checkpoints" / "best.pt"
+    return [sys.executable, "-m", "metaseg.train", "experiment=converged_meta", f"meta={STAGED[arm]}",
+            f"meta.init_from={init}", *common, *threads, *args.set, *args.set_meta]
+
+
+def run_one(fold: str, arm: str, args, scratch_evals: list[str], after: Optional[Future] = None) -> str:
+    run = Path(args.out) / fold / arm
+    if (run / "done.json").exists():
+        return f"{fold}/{arm}: done before"
+    if after is not None:
+        after.result()  # the fold's erm run, finished or failed
+        if not (Path(args.out) / fold / BASE / "done.json").exists():
+            return f"{fold}/{arm}: skipped, its {BASE} run did not finish"
+    run.mkdir(parents=True, exist_ok=True)
+    cmd = command(fold, arm, run, args, scratch_evals)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    with open(run / "log.txt", "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        return f"{fold}/{arm}: FAILED (exit {rc}), see {run / 'log.txt'}"
+    (run / "done.json").write_text(json.dumps({"command": cmd, "seconds": seconds}, indent=1) + "\n")
+    return f"{fold}/{arm}: {seconds:.0f} s"
+
+
+def run_study(args) -> None:
+    """Every erm run first, then the rest; a staged arm waits for its fold's erm inside its worker,
+    which cannot deadlock: all erm runs are queued ahead of every staged one."""
+    scratch_evals = eval_block(args.set) if "scratch" in args.arms else []  # composed here, once
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures: dict[tuple[str, str], Future] = {}
+        for fold in args.folds:
+            if BASE in args.arms or any(a in STAGED for a in args.arms):
+                futures[fold, BASE] = pool.submit(run_one, fold, BASE, args, scratch_evals)
+        for arm in (a for a in args.arms if a != BASE):
+            for fold in args.folds:
+                futures[fold, arm] = pool.submit(run_one, fold, arm, args, scratch_evals,
+                                                 futures.get((fold, BASE)) if arm in STAGED else None)
+        for future in futures.values():
+            print(future.result(), flush=True)
+
+
+# -- results ------------------------------------------------------------------------------
+def read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_run(run: Path) -> Optional[dict]:
+    """A finished run's result (metrics.json of a training run, eval.json of scratch), budget and seconds."""
+    done = read_json(run / "done.json")
+    if done is None:
+        return None
+    result = read_json(run / "metrics.json") or read_json(run / "eval.json")
+    budget = (read_json(run / "budget.json") or {}).get("total", {})
+    return {"result": result, "budget": budget, "seconds": done["seconds"]}
+
+
+def arm_budget(out: Path, fold: str, arm: str, runs: dict) -> dict:
+    """Images and seconds an arm consumed: a staged arm adds its erm run's budget to its own."""
+    own = runs[fold, arm]["budget"] if runs.get((fold, arm)) else {}
+    if arm not in STAGED or not runs.get((fold, BASE)):
+        return dict(own)
+    base = runs[fold, BASE]["budget"]
+    return {key: base.get(key, 0) + own.get(key, 0) for key in set(base) | set(own)}
+
+
+def summary(run: dict, fold: str) -> dict:
+    """What the tables show of one run on its held-out set: dataset-level foreground Dice."""
+    d = run["result"]["datasets"][fold]
+    out = {"zero_shot": d["zero_shot"]["fg_dice"], "shots": {}, "curve": d.get("curve"),
+           "tune": (run["result"].get("tune") or {}).get("chosen")}
+    for k in (k for k in d.get("adapted", {}) if k.isdigit()):
+        out["shots"][k] = {key: d["adapted"][k]["fg_dice"][key] for key in ("mean", "ci95")}
+    return out
+
+
+def cell(stats: Optional[dict]) -> str:
+    return f"{stats['mean']:.3f} ± {stats['ci95']:.3f}" if stats else "–"
+
+
+def curve_at(s: dict, k: str, steps: str) -> Optional[dict]:
+    return ((s.get("curve") or {}).get("shots", {}).get(k) or {}).get(steps)
+
+
+def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
+    runs = {(f, a): read_run(out / f / a) for f in folds for a in arms}
+    record = {f"{f}/{a}": {**summary(r, f), "budget": arm_budget(out, f, a, runs), "seconds": r["seconds"]}
+              for (f, a), r in runs.items() if r is not None}
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    head = "| arm | " + " | ".join(folds) + " |"
+    rule = "|---" * (1 + len(folds)) + "|"
+    lines = [f"### Held-out {k}-shot foreground Dice, adaptation tuned on validation tasks (dataset-level, "
+             f"mean ± 95% CI over episodes)", "", head, rule]
+    lines += [f"| {a} | " + " | ".join(cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k))
+                                       for f in folds) + " |" for a in arms]
+    lines += ["", "### Zero-shot foreground Dice (no adaptation)", "", head, rule]
+    lines += [f"| {a} | " + " | ".join(f"{record[f'{f}/{a}']['zero_shot']:.3f}" if f"{f}/{a}" in record else "–"
+                                       for f in folds) + " |" for a in arms]
+    for steps in ("1", "10"):
+        lines += ["", f"### {k}-shot Dice after {steps} adaptation step(s) (adaptation curve)", "", head, rule]
+        lines += [f"| {a} | " + " | ".join(cell(curve_at(record.get(f"{f}/{a}") or {}, k, steps))
+                                           for f in folds) + " |" for a in arms]
+    lines += ["", "### Budget (staged arms include their erm run) and chosen adaptation", "",
+              "| fold | arm | outer steps | forward images | train s | run s | tuned α, steps |",
+              "|---|---|---|---|---|---|---|"]
+    for key, r in record.items():
+        b, t = r["budget"], r["tune"] or {}
+        f, a = key.split("/")
+        lines.append(f"| {f} | {a} | {b.get('outer_steps', 0)} | {b.get('forward_images', 0)} | "
+                     f"{b.get('train_seconds', 0):.0f} | {r['seconds']:.0f} | {t.get('adapt_lr')}, "
+                     f"{t.get('adapt_steps')} |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> Optional[Path]:
+    """Per fold: k-shot Dice against adaptation steps (left), and Dice against k after the curve's
+    longest adaptation (right); one line per arm, with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = json.loads((out / "results.json").read_text())
+    have = [f for f in folds if any(f"{f}/{a}" in record and record[f"{f}/{a}"].get("curve") for a in arms)]
+    if not have:
+        return None
+    fig, axes = plt.subplots(len(have), 2, figsize=(10, 3.2 * len(have)), squeeze=False)
+    for row, fold in zip(axes, have):
+        for arm in arms:
+            curve = (record.get(f"{fold}/{arm}") or {}).get("curve")
+            if not curve:
+                continue
+            by_k = curve["shots"]
+            if k in by_k:
+                steps = sorted(by_k[k], key=int)
+                x = [max(int(s), 0.5) for s in steps]  # 0 steps drawn at 0.5 on the log axis
+                m = [by_k[k][s]["mean"] for s in steps]
+                c = [by_k[k][s]["ci95"] for s in steps]
+                row[0].plot(x, m, marker="o", label=arm)
+                row[0].fill_between(x, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.15)
+            last = str(max(int(s) for s in next(iter(by_k.values()))))
+            ks = sorted(by_k, key=int)
+            zero = record[f"{fold}/{arm}"]["zero_shot"]
+            row[1].errorbar([0, *map(int, ks)], [zero, *[by_k[q][last]["mean"] for q in ks]],
+                            yerr=[0, *[by_k[q][last]["ci95"] for q in ks]], marker="o", capsize=3, label=arm)
+        row[0].set(xscale="log", xlabel=f"adaptation steps ({k}-shot; 0 drawn at 0.5)", ylabel="foreground Dice",
+                   title=f"held out: {fold}")
+        row[1].set(xlabel=f"shots k (after {last} steps; 0: zero-shot)", ylabel="foreground Dice", title=fold)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_learning(out: Path, folds: list[str], tag: str = "val/zero_shot_fg_dice") -> Optional[Path]:
+    """erm's learning curve per fold: the validation tasks' zero-shot Dice (training sites only),
+    read from the run's tensorboard events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for fold in folds:
+        tb = out / fold / BASE / "tb"
+        if not tb.is_dir():
+            continue
+        events = EventAccumulator(str(tb))
+        events.Reload()
+        if tag not in events.Tags().get("scalars", []):
+            continue
+        points = events.Scalars(tag)
+        ax.plot([p.step for p in points], [p.value for p in points], marker=".", label=f"held out {fold}")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="outer step", ylabel="validation zero-shot foreground Dice (mean of training sets)",
+           title="erm learning curves (validation tasks only)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "learning.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/study", help="study folder (runs, results.md, figures)")
+    parser.add_argument("--folds", nargs="+", default=FOLDS, choices=FOLDS, help="held-out datasets")
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--data-root", default="../shared/data", help="folder holding the datasets")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--set-meta", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for the meta stages and erm_more only")
+    parser.add_argument("--shots", default="5", help="the k of the tables and the steps panel of curves.png")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild tables and figures from finished runs")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not args.tables_only:
+        run_study(args)
+        print(f"study wall time {time.perf_counter() - t0:.0f} s", flush=True)
+    print(tables(out, args.folds, args.arms, args.shots))
+    for path in (plot_curves(out, args.folds, args.arms, args.shots), plot_learning(out, args.folds)):
+        if path is not None:
+            print(f"wrote {path}")
+    unfinished = [f"{f}/{a}" for f in args.folds for a in args.arms if not (out / f / a / "done.json").exists()]
+    if unfinished and not args.tables_only:
+        print(f"unfinished runs: {', '.join(unfinished)} (see their log.txt); rerun to resume them", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

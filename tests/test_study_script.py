@@ -1,0 +1,74 @@
+"""scripts/study.py: every arm of a fold, staged arms from the fold's erm run, budgets added,
+tables and figures read from the runs' own results, finished runs not redone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import ROOT
+from tests.data_fixtures import folder_dataset
+from tests.test_data_patches import NAMES, stripes
+
+TINY = ["data.size=16", "data.train=[retina_drive,retina_stare]", "model.extra.decoder_channels=[8,8,8]",
+        "trainer.max_steps=2", "trainer.eval_every=1", "meta.shots=2", "meta.query=2", "meta.meta_batch=2",
+        "eval.episodes=2", "eval.max_images=2", "eval.support_patches=2", "eval.tune_lrs=[0.1]",
+        "eval.tune_steps=[1]", "eval.tune_episodes=1", "eval.pictures=0", "eval.shots=[2,1]",
+        "eval.curve_steps=[0,2]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu"]
+
+
+def study(out, root, *extra, arms=("erm", "fomaml", "maml", "erm_more", "scratch")):
+    cmd = [sys.executable, str(ROOT / "scripts" / "study.py"), "--out", str(out), "--data-root", str(root),
+           "--folds", "retina_chasedb1", "--threads", "1", "--shots", "2", "--arms", *arms, *extra, "--set", *TINY,
+           "--set-meta", "trainer.max_steps=1", "meta.inner_steps=1", "eval.val_episodes=1"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def make_data(root):
+    for key, (h, w) in {"a": (40, 48), "b": (36, 60), "c": (50, 50)}.items():
+        folder_dataset(root / NAMES[key], n=8, h=h, w=w, masks=[stripes(h, w)] * 8)
+
+
+def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
+    make_data(tmp_path / "data")
+    out = tmp_path / "study"
+    first = study(out, tmp_path / "data")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    fold = out / "retina_chasedb1"
+    staged = yaml.safe_load((fold / "fomaml" / ".hydra" / "config.yaml").read_text())
+    assert staged["meta"]["init_from"] == str(fold / "erm" / "checkpoints" / "best.pt")
+    assert staged["meta"]["algorithm"] == "fomaml" and staged["trainer"]["max_steps"] == 1
+    twin = yaml.safe_load((fold / "erm_more" / ".hydra" / "config.yaml").read_text())
+    assert twin["meta"]["algorithm"] == "erm" and twin["meta"]["init_from"] == staged["meta"]["init_from"]
+    results = json.loads((out / "results.json").read_text())
+    erm = json.loads((fold / "erm" / "metrics.json").read_text())["datasets"]["retina_chasedb1"]
+    # the table's numbers are the run's own dataset-level Dice, and its curve
+    assert results["retina_chasedb1/erm"]["shots"]["2"] == {k: erm["adapted"]["2"]["fg_dice"][k]
+                                                            for k in ("mean", "ci95")}
+    assert results["retina_chasedb1/erm"]["curve"] == erm["curve"]
+    # a staged arm's budget adds its erm run's: 2 + 1 outer steps; the twin processed the same images
+    assert results["retina_chasedb1/erm"]["budget"]["outer_steps"] == 2
+    assert results["retina_chasedb1/fomaml"]["budget"]["outer_steps"] == 3
+    assert (results["retina_chasedb1/erm_more"]["budget"]["forward_images"]
+            == results["retina_chasedb1/fomaml"]["budget"]["forward_images"])
+    table = (out / "results.md").read_text()
+    assert f"{erm['adapted']['2']['fg_dice']['mean']:.3f}" in table and "| scratch |" in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamp = (fold / "erm" / "metrics.json").stat().st_mtime_ns
+    second = study(out, tmp_path / "data", arms=("erm", "fomaml"))  # finished runs are not redone
+    assert second.returncode == 0 and second.stdout.count("done before") == 2
+    assert (fold / "erm" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_staged_arms_are_skipped_when_their_erm_run_fails(tmp_path):
+    result = study(tmp_path / "study", tmp_path / "missing", arms=("erm", "anil"))  # no data there
+    assert result.returncode == 1
+    assert "retina_chasedb1/erm: FAILED" in result.stdout
+    assert "retina_chasedb1/anil: skipped" in result.stdout
+    assert not (tmp_path / "study" / "retina_chasedb1" / "anil").exists()
