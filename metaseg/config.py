@@ -184,6 +184,7 @@ class EvalConfig:
     # adaptation curve: held-out score after each of these step counts (0: none), for every k, on the
     # protocol's episodes; eval.json "curve", eval.md, curve.png. []: off
     curve_steps: List[int] = field(default_factory=list)
+    curve_shots: Optional[List[int]] = None  # the k the curve follows; null: every k of eval.shots
     # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
     tune: bool = False
     tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])

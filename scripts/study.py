@@ -41,6 +41,7 @@ FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["erm", "fomaml", "anil", "maml", "erm_more", "scratch"]
 STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "erm_more": "erm"}  # arm -> meta stage algorithm
 BASE = "erm"  # the run every staged arm starts from
+ZERO_SHOT = "zero_shot"  # OUT/FOLD/erm/zero_shot: erm scored on every held-out image, no adaptation
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -68,9 +69,26 @@ def eval_block(extra: list[str]) -> list[str]:
     return flat("eval", OmegaConf.to_container(cfg.eval)) + flat("model", model) + flat("meta", meta)
 
 
+def same_kind(fold: str) -> list[str]:
+    """Adaptation is tuned on the validation sets of the held-out set's own kind where the mix has
+    them (the other retina sites for a retina fold), else on all of them (null)."""
+    kind = [f for f in FOLDS if f != fold and f.split("_")[0] == fold.split("_")[0]]
+    return [f"eval.tune_datasets=[{','.join(kind)}]"] if kind else []
+
+
+def zero_shot_command(fold: str, run: Path, args) -> list[str]:
+    """erm's headline: every held-out image scored without adaptation, half-overlapping windows."""
+    return [sys.executable, "-m", "metaseg.eval", f"checkpoint={run / 'checkpoints' / 'best.pt'}",
+            f"data_root={args.data_root}", f"hydra.run.dir={run / ZERO_SHOT}", f"seed={args.seed}",
+            *[o for o in args.set if o.startswith("eval.")], "eval.episodes=0", "eval.shots=0", "eval.curve_steps=[]",
+            "eval.tune=false", "eval.max_images=null", "eval.mode=slide", "eval.stride=null",  # null: half the window
+            "eval.batch_size=64", "eval.pictures=4"]
+
+
 def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> list[str]:
     """The command line of one run."""
-    common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}", f"seed={args.seed}"]
+    common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}", f"seed={args.seed}",
+              *same_kind(fold)]
     if arm == "scratch":
         return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common,
                 *scratch_evals, *[o for o in args.set if o.startswith(("data.", "eval."))]]
@@ -83,16 +101,11 @@ def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> l
             f"meta.init_from={init}", *common, *threads, *args.set, *args.set_meta]
 
 
-def run_one(fold: str, arm: str, args, scratch_evals: list[str], after: Optional[Future] = None) -> str:
-    run = Path(args.out) / fold / arm
+def execute(cmd: list[str], run: Path, args) -> Optional[float]:
+    """Run ``cmd`` once into ``run`` (log.txt), marking ``done.json``; seconds, or None if it failed."""
     if (run / "done.json").exists():
-        return f"{fold}/{arm}: done before"
-    if after is not None:
-        after.result()  # the fold's erm run, finished or failed
-        if not (Path(args.out) / fold / BASE / "done.json").exists():
-            return f"{fold}/{arm}: skipped, its {BASE} run did not finish"
+        return json.loads((run / "done.json").read_text())["seconds"]
     run.mkdir(parents=True, exist_ok=True)
-    cmd = command(fold, arm, run, args, scratch_evals)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     with open(run / "log.txt", "a") as log:
@@ -101,8 +114,27 @@ def run_one(fold: str, arm: str, args, scratch_evals: list[str], after: Optional
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - t0
     if rc != 0:
-        return f"{fold}/{arm}: FAILED (exit {rc}), see {run / 'log.txt'}"
+        return None
     (run / "done.json").write_text(json.dumps({"command": cmd, "seconds": seconds}, indent=1) + "\n")
+    return seconds
+
+
+def run_one(fold: str, arm: str, args, scratch_evals: list[str], after: Optional[Future] = None) -> str:
+    run = Path(args.out) / fold / arm
+    finished = (run / "done.json").exists() and (arm != BASE or (run / ZERO_SHOT / "done.json").exists())
+    if finished:
+        return f"{fold}/{arm}: done before"
+    if after is not None:
+        after.result()  # the fold's erm run, finished or failed
+        if not (Path(args.out) / fold / BASE / "done.json").exists():
+            return f"{fold}/{arm}: skipped, its {BASE} run did not finish"
+    seconds = execute(command(fold, arm, run, args, scratch_evals), run, args)
+    if seconds is not None and arm == BASE:
+        extra = execute(zero_shot_command(fold, run, args), run / ZERO_SHOT, args)
+        if extra is None:
+            return f"{fold}/{arm}: FAILED (exit != 0), see {run / ZERO_SHOT / 'log.txt'}"
+    if seconds is None:
+        return f"{fold}/{arm}: FAILED (exit != 0), see {run / 'log.txt'}"
     return f"{fold}/{arm}: {seconds:.0f} s"
 
 
@@ -135,7 +167,8 @@ def read_run(run: Path) -> Optional[dict]:
         return None
     result = read_json(run / "metrics.json") or read_json(run / "eval.json")
     budget = (read_json(run / "budget.json") or {}).get("total", {})
-    return {"result": result, "budget": budget, "seconds": done["seconds"]}
+    return {"result": result, "budget": budget, "seconds": done["seconds"],
+            "zero_shot_all": read_json(run / ZERO_SHOT / "eval.json")}
 
 
 def arm_budget(out: Path, fold: str, arm: str, runs: dict) -> dict:
@@ -152,6 +185,9 @@ def summary(run: dict, fold: str) -> dict:
     d = run["result"]["datasets"][fold]
     out = {"zero_shot": d["zero_shot"]["fg_dice"], "shots": {}, "curve": d.get("curve"),
            "tune": (run["result"].get("tune") or {}).get("chosen")}
+    if run.get("zero_shot_all"):
+        z = run["zero_shot_all"]["datasets"][fold]
+        out["zero_shot_all"] = {"fg_dice": z["zero_shot"]["fg_dice"], "images": z["scored"]}
     for k in (k for k in d.get("adapted", {}) if k.isdigit()):
         out["shots"][k] = {key: d["adapted"][k]["fg_dice"][key] for key in ("mean", "ci95")}
     return out
@@ -176,7 +212,13 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
              f"mean ± 95% CI over episodes)", "", head, rule]
     lines += [f"| {a} | " + " | ".join(cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k))
                                        for f in folds) + " |" for a in arms]
-    lines += ["", "### Zero-shot foreground Dice (no adaptation)", "", head, rule]
+    lines += ["", f"### {BASE} zero-shot foreground Dice on every held-out image (dataset-level, half-overlapping "
+              f"windows, whole image: no field-of-view mask)", "", head, rule]
+    lines.append(f"| {BASE} | " + " | ".join(
+        f"{z['fg_dice']:.3f} ({z['images']} images)" if (z := (record.get(f"{f}/{BASE}") or {}).get("zero_shot_all"))
+        else "–" for f in folds) + " |")
+    lines += ["", "### Zero-shot foreground Dice in the protocol (its first eval.max_images held-out images)", "",
+              head, rule]
     lines += [f"| {a} | " + " | ".join(f"{record[f'{f}/{a}']['zero_shot']:.3f}" if f"{f}/{a}" in record else "–"
                                        for f in folds) + " |" for a in arms]
     for steps in ("1", "10"):

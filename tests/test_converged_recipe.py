@@ -20,7 +20,7 @@ TOY = ["data.size=16", "data.train=[retina_drive,retina_stare]", "data.heldout=[
        "trainer.eval_every=1", "trainer.ckpt_every=1", "meta.shots=2", "meta.query=2", "meta.meta_batch=2",
        "eval.episodes=2", "eval.max_images=2", "eval.support_patches=2", "eval.tune_lrs=[0.1]",
        "eval.tune_steps=[1]", "eval.tune_episodes=1", "eval.pictures=0", "eval.shots=[2,1]",
-       "eval.curve_steps=[0,1]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu",
+       "eval.curve_steps=[0,1]", "eval.curve_shots=null", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu",
        "trainer.threads=1", "data.augment.zoom=[0.8,1.25]"]
 
 

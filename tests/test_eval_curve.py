@@ -133,6 +133,17 @@ def test_curve_equals_the_protocol_at_each_step_count_and_zero_shot_at_zero(held
     assert curve["shots"]["2"]["3"]["mean"] != zero["mean"]  # adaptation moves the score
 
 
+def test_curve_shots_follows_the_named_k_only_and_leaves_the_table_unchanged(heldout):  # noqa: F811
+    learner = make_learner()
+    both = evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(episodes=2, curve_steps=[0, 3]), CPU, seed=0)
+    one = evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(episodes=2, curve_steps=[0, 3], curve_shots=[2]),
+                           CPU, seed=0)
+    assert list(one["curve"]["shots"]) == ["2"] and one["curve"]["shots"]["2"] == both["curve"]["shots"]["2"]
+    assert as_json(one["adapted"]) == as_json(both["adapted"])
+    with pytest.raises(ConfigError, match=r"eval.curve_shots=\[5\] names k=\[5\] that eval.shots=\[1, 2\]"):
+        validate_eval(eval_cfg(curve_steps=[0, 3], curve_shots=[5]))
+
+
 def test_curve_split_over_two_ranks_is_the_one_process_curve(heldout, monkeypatch):  # noqa: F811
     """Under torchrun each rank adapts every second episode; the curve's points travel with their
     episode's record through the same gather, so rank 0 reports exactly one process's numbers.

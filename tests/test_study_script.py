@@ -18,7 +18,7 @@ TINY = ["data.size=16", "data.train=[retina_drive,retina_stare]", "model.extra.d
         "trainer.max_steps=2", "trainer.eval_every=1", "meta.shots=2", "meta.query=2", "meta.meta_batch=2",
         "eval.episodes=2", "eval.max_images=2", "eval.support_patches=2", "eval.tune_lrs=[0.1]",
         "eval.tune_steps=[1]", "eval.tune_episodes=1", "eval.pictures=0", "eval.shots=[2,1]",
-        "eval.curve_steps=[0,2]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu"]
+        "eval.curve_steps=[0,2]", "eval.curve_shots=[2]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu"]
 
 
 def study(out, root, *extra, arms=("erm", "fomaml", "maml", "erm_more", "scratch")):
@@ -56,6 +56,10 @@ def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
     assert results["retina_chasedb1/fomaml"]["budget"]["outer_steps"] == 3
     assert (results["retina_chasedb1/erm_more"]["budget"]["forward_images"]
             == results["retina_chasedb1/fomaml"]["budget"]["forward_images"])
+    zero = json.loads((fold / "erm" / "zero_shot" / "eval.json").read_text())["datasets"]["retina_chasedb1"]
+    assert zero["scored"] == 8 and "adapted" not in zero  # every held-out image, no adaptation
+    assert zero["stride"] == [8, 8]  # half-overlapping windows
+    assert results["retina_chasedb1/erm"]["zero_shot_all"] == {"fg_dice": zero["zero_shot"]["fg_dice"], "images": 8}
     table = (out / "results.md").read_text()
     assert f"{erm['adapted']['2']['fg_dice']['mean']:.3f}" in table and "| scratch |" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

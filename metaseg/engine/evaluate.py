@@ -108,6 +108,23 @@ def curve_steps(cfg: Any) -> list[int]:
     return sorted(values)
 
 
+def curve_shots(cfg: Any) -> list[int]:
+    """``eval.curve_shots``: the k whose episodes the curve follows (null: every k of ``eval.shots``).
+
+    A curve to 100 steps costs 100 adaptation steps per (k, episode); on a CPU a study can afford
+    the step curve at its headline k only and read the other k from the protocol's own table."""
+    ks = shot_list(cfg)
+    chosen = cfg.get("curve_shots")
+    if chosen is None:
+        return ks
+    values = list(chosen) if isinstance(chosen, (list, tuple, ListConfig)) else [chosen]
+    stray = [k for k in values if k not in ks]
+    if stray:
+        raise ConfigError(f"eval.curve_shots={values} names k={stray} that eval.shots={ks} does not run: list k of "
+                          f"eval.shots, or eval.curve_shots=null for all of them")
+    return [k for k in ks if k in values]
+
+
 def run_curve(cfg: Any) -> list[int]:
     """The curve's step counts this evaluation scores: none on validation tasks, which pick
     ``best.pt`` and tune adaptation at every evaluation and would pay for a figure nobody reads."""
@@ -124,6 +141,8 @@ def validate_eval(cfg: Any) -> None:
     """Checks of an ``EvalConfig`` the schema cannot express; one line naming the key."""
     shot_list(cfg)
     steps = run_curve(cfg)
+    if steps:
+        curve_shots(cfg)
     if steps and (not shot_list(cfg) or cfg.episodes < 1):
         raise ConfigError(f"eval.curve_steps={steps} needs few-shot episodes, but eval.shots={cfg.shots} and "
                           f"eval.episodes={cfg.episodes}: set eval.shots=[1,5,10] and eval.episodes>=1, "
@@ -273,6 +292,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
                           f"score; lower eval.shots")
     orders = [episode_rng(seed, name, e).permutation(n) for e in range(cfg.episodes if ks else 0)]
     curve = run_curve(cfg)
+    traced = curve_shots(cfg) if curve else []  # the k whose episodes the curve follows
     metric = curve_metric(num_classes)
 
     zero_indices = list(range(n))[:cap]
@@ -309,14 +329,14 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
             capture = dict.fromkeys(gallery["indices"]) if gallery is not None and e == 0 else None
             scorer = functools.partial(score, dataset=dataset, indices=query, num_classes=num_classes, device=device,
                                        batch_size=cfg.batch_size, precision=learner.precision, **kw)
-            s, points = adapt_and_score(learner, images.to(device), masks.to(device), steps, lr, curve, scorer,
-                                        capture)
+            s, points = adapt_and_score(learner, images.to(device), masks.to(device), steps, lr,
+                                        curve if k in traced else [], scorer, capture)
             if capture is not None:
                 gallery["adapted"][k] = capture
             record = {"support": [int(i) for i in support], "seed": [seed, zlib.crc32(name.encode()), e]}
             record.update({key: s[key] for key in (*_summary_keys(s), *PER_CLASS)})
             record["image"] = {key: s["image"][key] for key in (*_summary_keys(s), *PER_CLASS)}
-            record["curve"] = {t: points[t][metric] for t in curve}  # gathered with the episode it belongs to
+            record["curve"] = {t: points[t][metric] for t in points}  # gathered with the episode it belongs to
             episodes[k].append((e, record))
     episodes = {k: [r for _, r in sorted(gather(episodes[k]), key=lambda er: er[0])] for k in ks}
 
@@ -336,7 +356,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     # The first k's summary at the top level (the eval.json contract), every k under its own key.
     result["adapted"] = {**summaries[ks[0]], **{str(k): summaries[k] for k in ks}}
     if curve:
-        result["curve"] = curve_summary(metric, {k: [ep["curve"] for ep in episodes[k]] for k in ks}, curve)
+        result["curve"] = curve_summary(metric, {k: [ep["curve"] for ep in episodes[k]] for k in traced}, curve)
     return result
 
 
