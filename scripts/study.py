@@ -45,15 +45,15 @@ ZERO_SHOT = "zero_shot"  # OUT/FOLD/erm/zero_shot: erm scored on every held-out 
 
 
 # -- commands -----------------------------------------------------------------------------
-def eval_block(extra: list[str]) -> list[str]:
-    """``experiment=converged``'s eval block and model as overrides for ``metaseg-eval checkpoint=none``."""
+def eval_block(experiment: str, extra: list[str]) -> list[str]:
+    """The experiment's eval block and model as overrides for ``metaseg-eval checkpoint=none``."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     import metaseg.config  # noqa: F401 - registers the schemas
 
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
-        cfg = compose("train", ["experiment=converged", *extra])
+        cfg = compose("train", [f"experiment={experiment}", *extra])
 
     def flat(prefix: str, node: dict) -> list[str]:
         out = []
@@ -94,10 +94,10 @@ def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> l
                 *scratch_evals, *[o for o in args.set if o.startswith(("data.", "eval."))]]
     threads = [f"trainer.threads={args.threads}", "trainer.resume=auto"]
     if arm == BASE:
-        return [sys.executable, "-m", "metaseg.train", "experiment=converged", "meta=erm", *common, *threads,
+        return [sys.executable, "-m", "metaseg.train", f"experiment={args.experiment}", "meta=erm", *common, *threads,
                 *args.set]
     init = Path(args.out) / fold / BASE / "checkpoints" / "best.pt"
-    return [sys.executable, "-m", "metaseg.train", "experiment=converged_meta", f"meta={STAGED[arm]}",
+    return [sys.executable, "-m", "metaseg.train", f"experiment={args.meta_experiment}", f"meta={STAGED[arm]}",
             f"meta.init_from={init}", *common, *threads, *args.set, *args.set_meta]
 
 
@@ -141,7 +141,7 @@ def run_one(fold: str, arm: str, args, scratch_evals: list[str], after: Optional
 def run_study(args) -> None:
     """Every erm run first, then the rest; a staged arm waits for its fold's erm inside its worker,
     which cannot deadlock: all erm runs are queued ahead of every staged one."""
-    scratch_evals = eval_block(args.set) if "scratch" in args.arms else []  # composed here, once
+    scratch_evals = eval_block(args.experiment, args.set) if "scratch" in args.arms else []  # composed here, once
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures: dict[tuple[str, str], Future] = {}
         for fold in args.folds:
@@ -325,6 +325,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--experiment", default="converged", help="the erm runs' (and scratch's) experiment")
+    parser.add_argument("--meta-experiment", default="converged_meta",
+                        help="the meta stages' experiment; on a GPU: [converged_gpu,converged_meta]")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--set-meta", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for the meta stages and erm_more only")
