@@ -327,7 +327,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--experiment", default="converged", help="the erm runs' (and scratch's) experiment")
     parser.add_argument("--meta-experiment", default="converged_meta",
-                        help="the meta stages' experiment; on a GPU: [converged_gpu,converged_meta]")
+                        help="the meta stages' experiment; on a GPU: [converged_gpu,meta_stage]")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--set-meta", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for the meta stages and erm_more only")

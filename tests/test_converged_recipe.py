@@ -74,8 +74,8 @@ def test_eval_heldout_final_needs_a_validation_metric():
 
 
 def test_gpu_meta_stage_is_the_gpu_network_with_the_meta_stage():
-    """scripts/study.py --meta-experiment "[converged_gpu,converged_meta]": the meta stage on the GPU network."""
-    cfg = compose_cfg("train", ["experiment=[converged_gpu,converged_meta]", "meta=maml"])
+    """scripts/study.py --meta-experiment "[converged_gpu,meta_stage]": the meta stage on the GPU network."""
+    cfg = compose_cfg("train", ["experiment=[converged_gpu,meta_stage]", "meta=maml"])
     validate(cfg)
     assert (cfg.model.encoder, cfg.data.size, cfg.trainer.precision) == ("resnet34", 128, "bf16")
     assert (cfg.trainer.max_steps, cfg.meta.inner_steps, cfg.meta.outer_lr) == (200, 3, 0.0002)
