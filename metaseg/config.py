@@ -60,6 +60,9 @@ class AugmentConfig:
     noise: float = 0.0  # additive Gaussian noise, std uniform in [0, noise] on the [0, 1] image
 
 
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25  # data.mean/std null and no named encoder weights: every channel
+
+
 @dataclass
 class DataConfig:
     """A dataset mix: who is meta-trained on, who is held out, in which label space."""
@@ -68,8 +71,10 @@ class DataConfig:
     classes: Optional[List[str]] = None  # the shared label space; index = class id
     num_classes: Optional[int] = None  # instead of classes: N generic ones (background, class_1, ...)
     size: int = 64  # images are square, size x size pixels (0 in data=folder: the checkpoint's)
-    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    # per-channel normalisation of [0, 1] images; null: the named encoder weights' own (smp's
+    # preprocessing parameters, e.g. ImageNet's), else DEFAULT_MEAN/DEFAULT_STD. Set, it always wins.
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
     train: Optional[List[str]] = None  # meta-training datasets (keys of `datasets`); null: all not held out
     heldout: List[str] = field(default_factory=list)  # evaluated, never meta-trained on
@@ -96,11 +101,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """An smp model; nothing is downloaded."""
+    """An smp model; named encoder weights come through smp's own download and cache (docs/models.md)."""
 
     arch: str = "Unet"  # smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...
     encoder: str = "resnet18"  # smp encoder name
-    encoder_weights: Optional[str] = None  # null (random init) or a local state-dict file
+    encoder_weights: Optional[str] = None  # null (random init), a name smp knows (imagenet, ...) or a local state dict
+    strict_weights: bool = True  # a local weights file must fit the encoder; false: load what fits, log the rest
     in_channels: int = 3
     norm: str = "batch"  # batch (batch statistics, MAML style) | group
     smooth: bool = False  # true: ReLU -> SiLU, max -> average pooling: twice differentiable (second-order MAML)

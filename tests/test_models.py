@@ -1,4 +1,5 @@
-"""Model factory: offline weights from a local file, clear errors otherwise."""
+"""Model factory: local encoder weights, clear errors, the model variants (named weights:
+tests/test_pretrained_weights.py)."""
 
 import pytest
 import torch
@@ -8,11 +9,6 @@ from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 
 SMALL = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
-
-
-def test_weights_by_hub_name_fail_with_the_fix():
-    with pytest.raises(ConfigError, match=r"model.encoder_weights='imagenet' is not a local file.*never downloads"):
-        build_model(ModelConfig(encoder_weights="imagenet", extra=SMALL), 4)
 
 
 def test_local_encoder_weights_are_loaded(tmp_path):

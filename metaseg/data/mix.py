@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from metaseg.config import DEFAULT_MEAN, DEFAULT_STD
 from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
 from metaseg.data.labels import mix_classes
 from metaseg.data.pairs import fg_fraction
@@ -111,6 +112,12 @@ def _check_names(cfg: Any, train: list[str], need_train: bool) -> None:
         )
 
 
+def normalisation(cfg: Any) -> tuple[list[float], list[float]]:
+    """``data.mean``/``std``; null (nothing filled them from encoder weights): 0.5/0.25 per RGB channel."""
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return ([DEFAULT_MEAN] * 3 if mean is None else list(mean)), ([DEFAULT_STD] * 3 if std is None else list(std))
+
+
 def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) -> Mix:
     """Build the datasets a ``DataConfig`` names; ``need_train=False`` builds held-out ones only.
 
@@ -136,6 +143,7 @@ def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) ->
     built: dict[str, dict[str, Dataset]] = {}
     val_sets: dict[str, Dataset] = {}
     val_how: dict[str, str] = {}
+    mean, std = normalisation(cfg)
     for name in names:
         ds_cfg = cfg.datasets[name]
         source = build_source(name, ds_cfg, cfg, classes=classes, augment=need_train and name in train)
@@ -144,7 +152,7 @@ def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) ->
         for part, ds in parts.items():
             if len(ds) == 0:
                 raise ConfigError(f"dataset {part!r} has no images")
-            ds = Normalized(ds, cfg.mean, cfg.std)
+            ds = Normalized(ds, mean, std)
             if validation and need_train and name in train:  # whole images, before any per-class split
                 ds, val_ds, val_how[part] = split_validation(part, ds, cfg)
                 if val_ds is not None:

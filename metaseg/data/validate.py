@@ -25,7 +25,7 @@ from torchvision.utils import draw_segmentation_masks, make_grid
 
 from metaseg.data.binary import pixel_counts
 from metaseg.data.labels import IGNORE
-from metaseg.data.mix import Mix, build_mix, train_names
+from metaseg.data.mix import Mix, build_mix, normalisation, train_names
 from metaseg.utils.errors import ConfigError, DataError
 from metaseg.utils.runtime import atomic_write, write_json
 
@@ -139,7 +139,7 @@ def inspect_data(cfg: Any, run_dir: str | Path) -> dict:
     summary["name"] = data_cfg.name
     summary["size"] = int(data_cfg.size)
     print(format_summary(data_cfg.name, int(data_cfg.size), summary))
-    picture, _ = sample_grid(mix, int(cfg.samples), list(data_cfg.mean), list(data_cfg.std))
+    picture, _ = sample_grid(mix, int(cfg.samples), *normalisation(data_cfg))
     grid_path = run_dir / cfg.grid
     atomic_write(grid_path, lambda tmp: picture.save(tmp, format="PNG"))
     summary["grid"] = str(grid_path)

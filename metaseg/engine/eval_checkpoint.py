@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from metaseg.config import MetaConfig, TrainConfig
-from metaseg.data.mix import build_mix
+from metaseg.data.mix import build_mix, normalisation
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import load_checkpoint
 from metaseg.engine.eval_report import write_reports
@@ -28,6 +28,7 @@ from metaseg.engine.heads import NewHeadLearner, load_body
 from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
+from metaseg.models.weights import fill_normalisation
 from metaseg.utils.errors import CheckpointError, ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
@@ -50,10 +51,10 @@ def heldout_data(data_cfg: Any, trained: Any) -> Any:
     with open_dict(data_cfg):
         if not data_cfg.size:
             data_cfg.size = trained.size
-        if list(data_cfg.mean) != list(trained.mean) or list(data_cfg.std) != list(trained.std):
-            log.info("normalising with the checkpoint's data.mean=%s data.std=%s", list(trained.mean),
-                     list(trained.std))
-        data_cfg.mean, data_cfg.std = list(trained.mean), list(trained.std)
+        mean, std = normalisation(trained)  # a run records what it used; null only in hand-made configs
+        if data_cfg.mean is not None and (list(data_cfg.mean) != mean or list(data_cfg.std or []) != std):
+            log.info("normalising with the checkpoint's data.mean=%s data.std=%s", mean, std)
+        data_cfg.mean, data_cfg.std = mean, std
     return data_cfg
 
 
@@ -113,13 +114,17 @@ def _from_checkpoint(cfg: Any):
 
 
 def check_baseline(data_cfg: Any, model_cfg: Any) -> None:
-    """What ``checkpoint=none`` needs: the data (its label space and size) and a model to initialise."""
+    """What ``checkpoint=none`` needs: the data (its label space and size) and a model to initialise.
+
+    ``data.mean``/``std`` left null are filled in ``data_cfg`` as training fills them (the named
+    encoder weights' statistics, else 0.5/0.25), so the baseline sees images as a trained model would."""
     if data_cfg is None:
         raise ConfigError("checkpoint=none needs the data to evaluate: add data=NAME (e.g. data=synthetic)")
     if model_cfg is None:
         raise ConfigError("checkpoint=none needs a model to initialise: add model=NAME (e.g. model=unet_resnet18)")
     if not data_cfg.size:
         raise ConfigError("checkpoint=none has no checkpoint to take the image size from: set data.size=N")
+    fill_normalisation(data_cfg, model_cfg)
     if len(data_cfg.mean) != model_cfg.in_channels:
         raise ConfigError(f"data.mean has {len(data_cfg.mean)} values but model.in_channels={model_cfg.in_channels}")
 

@@ -40,8 +40,9 @@ from metaseg.engine.validation import check_selection_metric, evaluate_validatio
 from metaseg.data.splits import check_validation_sizes
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
+from metaseg.models.weights import fill_normalisation, weights_normalisation
 from metaseg.utils.errors import ConfigError
-from metaseg.utils.runtime import resolve_device, seed_everything, write_json
+from metaseg.utils.runtime import atomic_write, resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 HELDOUT_EVALS = ("always", "final")  # trainer.eval_heldout: which evaluations score the held-out datasets
@@ -80,11 +81,31 @@ def validate(cfg: Any) -> None:
                           f"(evaluations to wait), or null")
     if t.monitor_tasks < 0:
         raise ConfigError(f"trainer.monitor_tasks={t.monitor_tasks} must be >= 0")
-    if len(cfg.data.mean) != cfg.model.in_channels or len(cfg.data.std) != cfg.model.in_channels:
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError(f"data.mean={cfg.data.mean} and data.std={cfg.data.std}: set both, or neither (null: the "
+                          f"named encoder weights' statistics, else 0.5/0.25)")
+    if cfg.data.mean is not None and (len(cfg.data.mean) != cfg.model.in_channels
+                                      or len(cfg.data.std) != cfg.model.in_channels):
         raise ConfigError(
             f"data.mean and data.std need model.in_channels={cfg.model.in_channels} values, "
             f"got {len(cfg.data.mean)} and {len(cfg.data.std)}"
         )
+
+
+def settle_normalisation(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` with ``data.mean``/``std`` resolved where null (the named encoder weights' statistics, else
+    0.5/0.25), also written into the run's ``.hydra/config.yaml``, so both record what was used."""
+    if cfg.data.mean is not None and cfg.data.std is not None:
+        return cfg
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as given
+    fill_normalisation(cfg.data, cfg.model)
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.is_file():
+        recorded = OmegaConf.load(hydra_cfg)
+        if OmegaConf.select(recorded, "data") is not None:
+            recorded.data.mean, recorded.data.std = list(cfg.data.mean), list(cfg.data.std)
+            atomic_write(hydra_cfg, lambda tmp: OmegaConf.save(recorded, tmp))
+    return cfg
 
 
 def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
@@ -124,6 +145,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Meta-train as ``cfg`` says, writing checkpoints, tensorboard and metrics under ``run_dir``."""
     run_dir = Path(run_dir)
     validate(cfg)
+    weights_normalisation(cfg.model)  # named weights: offline and not cached stops here, before any data is read
+    cfg = settle_normalisation(cfg, run_dir)  # before the data is built, and before the config is checkpointed
     cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
@@ -152,7 +175,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     check_heldout_sizes(mix.heldout, cfg.eval)
     model = build_model(cfg.model, mix.num_classes)
     if meta.init_from:  # before resume, which overwrites it with the run's own state
-        initialise(model, meta.init_from, mix.classes)
+        initialise(model, meta.init_from, mix.classes, strict=cfg.model.strict_weights)
     model = model.to(device)
     learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
     if ctx.world_size > 1:

@@ -1,4 +1,4 @@
-"""smp model factory, local weight loading and normalisation choices."""
+"""smp model factory, encoder weights (names smp knows, local files) and normalisation choices."""
 
 from metaseg.models.factory import build_model, set_norm
 

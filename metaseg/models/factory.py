@@ -1,10 +1,11 @@
-"""Segmentation models from config: segmentation-models-pytorch, offline, meta-learning ready.
+"""Segmentation models from config: segmentation-models-pytorch, meta-learning ready.
 
 Three decisions live here rather than in the callers:
 
-* Weights are never downloaded. ``model.encoder_weights`` is ``null`` (random init) or the
-  path of a local state-dict file for the encoder. A hub name such as ``imagenet`` fails
-  with the fix, because smp would otherwise reach for the network.
+* Encoder weights are smp's business (``metaseg/models/weights.py``): ``model.encoder_weights``
+  is ``null`` (random init), a weight name smp knows for the encoder (``imagenet``, ``ssl``,
+  ...), which smp fetches into its cache on first use and patches for ``in_channels``, or a
+  local state-dict file, which must fit the encoder.
 * BatchNorm runs on batch statistics everywhere (``model.norm: batch``), the convention of
   MAML (Finn et al., 2017): ``track_running_stats`` is off and the running buffers are
   removed. Each task is normalised by its own support or query batch, so no task's
@@ -23,6 +24,7 @@ Three decisions live here rather than in the callers:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -30,6 +32,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from metaseg.models.weights import announce, hub_name, load_encoder_weights, smp_weights, through_hub
 from metaseg.utils.errors import ConfigError
 
 NORMS = ("batch", "group")
@@ -71,36 +74,6 @@ def make_smooth(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_encoder_weights(model: nn.Module, path: str, key: str = "model.encoder_weights") -> None:
-    """Load a local state dict into ``model.encoder``; running-stat keys are dropped."""
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"{key}={path!r} is not a local file: metaseg never downloads weights. "
-            f"Save the encoder's state dict to a file (torch.save(encoder.state_dict(), 'enc.pth')) "
-            f"and pass {key}=/path/to/enc.pth, or {key}=null for random init"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ConfigError(f"{key}={path!r} could not be read as a torch state dict: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    own = model.encoder.state_dict()
-    state = {k: v for k, v in state.items() if k in own}
-    if not state:
-        raise ConfigError(
-            f"{key}={path!r} has no tensor whose name matches the {type(model.encoder).__name__} "
-            f"encoder (expected keys such as {next(iter(own))!r})"
-        )
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ConfigError(
-            f"{key}={path!r} lacks {len(missing)} encoder tensors (first: {missing[0]!r}); "
-            f"is it the state dict of model.encoder for this architecture?"
-        )
-    model.encoder.load_state_dict(state)
-
-
 def drop_unused_modules(model: nn.Module, in_channels: int, size: int = 64) -> list[str]:
     """Replace submodules the forward pass never reaches with ``nn.Identity``; returns their names.
 
@@ -130,26 +103,32 @@ def build_model(cfg: Any, num_classes: int) -> nn.Module:
     extra = dict(cfg.extra or {})
     if "decoder_channels" in extra and extra["decoder_channels"] is not None:
         extra["decoder_channels"] = tuple(extra["decoder_channels"])
+    name = hub_name(cfg)  # a weight name smp knows, checked before anything is built; None: none or a file
+    if name is not None:
+        announce(cfg.encoder, name)
     try:
-        model = smp.create_model(
-            cfg.arch,
-            encoder_name=cfg.encoder,
-            encoder_weights=None,
-            in_channels=cfg.in_channels,
-            classes=num_classes,
-            **extra,
-        )
+        with through_hub(cfg.encoder, name) if name else contextlib.nullcontext():
+            model = smp.create_model(
+                cfg.arch,
+                encoder_name=cfg.encoder,
+                encoder_weights=None if name is None else smp_weights(cfg.encoder, name),
+                in_channels=cfg.in_channels,
+                classes=num_classes,
+                **extra,
+            )
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(
             f"model.arch={cfg.arch!r} / model.encoder={cfg.encoder!r} / model.extra={extra}: "
             f"segmentation-models-pytorch refused it: {exc}"
         ) from exc
-    weights = cfg.encoder_weights
-    if weights is not None:
+    # Stages never run go first, so a weights file is matched against the stages that do (a full
+    # encoder's file and one saved from this model both fit); the draws do not depend on the order.
+    drop_unused_modules(model, cfg.in_channels)
+    if cfg.encoder_weights is not None and name is None:
         # Load before changing norms so a file with running stats still matches the encoder.
-        load_encoder_weights(model, os.path.expanduser(str(weights)))
+        load_encoder_weights(model, os.path.expanduser(str(cfg.encoder_weights)),
+                             strict=bool(getattr(cfg, "strict_weights", True)))
     set_norm(model, cfg.norm)
     if cfg.smooth:
         make_smooth(model)
-    drop_unused_modules(model, cfg.in_channels)
     return model
