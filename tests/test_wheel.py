@@ -12,7 +12,7 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(dist), str(ROOT)], check=True, capture_output=True, timeout=600)
-    wheel = next(dist.glob("metaseg-*.whl"))
+    wheel = next(dist.glob("metaseg_learn-*.whl"))  # the distribution name (the import package is metaseg)
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"metaseg/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert len(shipped) >= 6 and "metaseg/conf/train.yaml" in shipped
