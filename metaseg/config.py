@@ -143,6 +143,11 @@ class MetaConfig:
     gamma: float = 1.0  # MLDG: weight of the cross-dataset loss L_j(theta')
     second_order_fallback: bool = False  # encoder without second derivatives: true trains first order, warning
     init_from: Optional[str] = None  # start from a metaseg checkpoint or an encoder state dict (engine/init_from.py)
+    # iMAML (meta=imaml): phi* = argmin L_support(phi) + lambda/2 ||phi - theta||^2 by K SGD steps at alpha,
+    # meta-gradient ((1 + cg_damping) I + H/lambda)^{-1} grad L_query(phi*) by conjugate gradient
+    imaml_lambda: float = 2.0  # iMAML: lambda, pull of phi towards theta (training and adaptation alike)
+    cg_steps: int = 5  # iMAML: conjugate-gradient iterations (Hessian-vector products) per task
+    cg_damping: float = 0.0  # iMAML: added to the identity; > 0 steadies CG where the support loss is not convex
 
 
 @dataclass

@@ -16,7 +16,9 @@ same K:
                  second-order loop in issue 7): the floor of the func backend.
   ALGO/BACKEND   the project's own ``MetaLearner.create(ALGO, ..., backend=BACKEND).meta_step``
                  with one task per step (maml, fomaml, anil: ANIL adapts the last decoder
-                 block and the head, its default, and reuses the frozen modules' outputs).
+                 block and the head, its default, and reuses the frozen modules' outputs;
+                 imaml on request: K proximal steps without a graph, then --cg-steps
+                 Hessian-vector products at --imaml-lambda and --cg-damping).
   maml/BACKEND+ckpt  with ``--checkpoint-inner``: MAML with meta.checkpoint_inner=true.
 
 Time: one warm-up step of every configuration, then REPS rounds in which every
@@ -33,6 +35,9 @@ peak memory); one fresh subprocess per configuration and size runs its K values 
 increasing order (its high-water mark at K is the peak at K: memory does not shrink as K
 grows). A cell that fails (a large K out of memory) is reported as such, and its smaller K
 values and the other cells are kept. ``--checkpoint-inner`` adds MAML with the memory saver.
+Below the table, each configuration's growth from the smallest to the largest K: peak memory
+and time at the largest K over those at the smallest (second-order MAML grows about linearly
+in K; iMAML's memory should stay flat).
 
 ``--data-path`` times the data path instead: a meta-step drawing its task from the real
 loader (``data=binary_mix``, images under ``--data-root``, augmentation on) against the
@@ -43,6 +48,9 @@ loader adds and the time ``TaskSampler.sample`` takes alone.
     python scripts/bench_meta_step.py --threads 2 --size 128 --inner-steps 5 --reps 10
     python scripts/bench_meta_step.py --grid --threads 2 --backends func --reps 1
     python scripts/bench_meta_step.py --data-path --threads 2 --size 128 --reps 8
+    # iMAML's memory against second-order MAML's as K grows (docs/algorithms.md)
+    python scripts/bench_meta_step.py --grid --grid-sizes 128 --grid-k 5 20 50 --algorithms maml imaml \
+        --backends func --threads 2 --reps 3
     # a quick look: small model, small images
     python scripts/bench_meta_step.py --depth 3 --size 64 --inner-steps 2 --reps 2
 """
@@ -70,7 +78,8 @@ from metaseg.meta import MetaLearner, OuterSettings, Precision, pixel_cross_entr
 from metaseg.meta.inner import full_precision
 from metaseg.models.factory import build_model
 
-ALGORITHMS = ("maml", "fomaml", "anil")
+ALGORITHMS = ("maml", "fomaml", "anil")  # the default set
+CHOICES = (*ALGORITHMS, "imaml")
 BACKENDS = ("higher", "func")
 FIRST_ORDER = ("fomaml", "raw_higher_fo")
 DEFAULT_DECODER = (256, 128, 64, 32, 16)  # smp's Unet default, trimmed to --depth entries
@@ -91,8 +100,12 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--inner-steps", "-k", type=int, default=5, help="K, inner SGD steps (default: %(default)s)")
     g.add_argument("--inner-lr", type=float, default=0.01, help="alpha, also plain's SGD rate (default: %(default)s)")
     g.add_argument("--outer-lr", type=float, default=1e-3, help="beta, Adam (default: %(default)s)")
+    g.add_argument("--imaml-lambda", type=float, default=2.0, help="imaml: lambda, the proximal strength "
+                                                                      "(default: %(default)s)")
+    g.add_argument("--cg-steps", type=int, default=5, help="imaml: CG iterations (default: %(default)s)")
+    g.add_argument("--cg-damping", type=float, default=0.0, help="imaml: CG damping (default: %(default)s)")
     g = p.add_argument_group("what to run")
-    g.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+    g.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=CHOICES,
                    help="project algorithms to time (default: %(default)s)")
     g.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                    help="inner-loop backends (default: %(default)s)")
@@ -114,7 +127,7 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--data-path", action="store_true", help="real loader against preloaded tensors, see above")
     g.add_argument("--data-root", default="../shared/data",
                    help="folder of the binary_mix datasets, relative to the working directory (default: %(default)s)")
-    g.add_argument("--data-algorithm", default="maml", choices=ALGORITHMS,
+    g.add_argument("--data-algorithm", default="maml", choices=CHOICES,
                    help="algorithm of the data-path step, on the first of --backends (default: %(default)s)")
     g.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one configuration's peak memory
     g.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one grid cell, time and memory
@@ -220,12 +233,19 @@ def raw_func_step(model, task: Task, a, precision: Precision) -> Callable[[], No
     return step
 
 
+def algorithm_options(a: argparse.Namespace, algorithm: str) -> dict:
+    """The algorithm's own keyword arguments from the command line (iMAML's lambda and CG)."""
+    if algorithm == "imaml":
+        return {"lam": a.imaml_lambda, "cg_steps": a.cg_steps, "cg_damping": a.cg_damping}
+    return {}
+
+
 def learner_step(model, task: Task, a, precision: Precision, algorithm: str, backend: str,
                  checkpoint_inner: bool = False) -> Callable[[], None]:
     """The project's meta-step: ``MetaLearner.create(algorithm, ...).meta_step`` on one task."""
     learner = MetaLearner.create(algorithm, model, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
                                  precision=precision, backend=backend, checkpoint_inner=checkpoint_inner,
-                                 outer=OuterSettings(lr=a.outer_lr, meta_batch=1))
+                                 outer=OuterSettings(lr=a.outer_lr, meta_batch=1), **algorithm_options(a, algorithm))
     opt, scaler, sampler = learner.make_optimizer(), precision.grad_scaler(), Fixed(task)
     counter = iter(range(1, 10**9))
 
@@ -474,7 +494,26 @@ def run_grid(a: argparse.Namespace, argv: list[str]) -> dict:
                 print(f"| {name} | {size} | {k} | {r['seconds']:.3f} | "
                       f"{ratio(r['seconds'], plain and plain['seconds'])} | {r['peak_bytes'] / 2**20:.0f} | "
                       f"{ratio(r['peak_bytes'], plain and plain['peak_bytes'])} |", flush=True)
+    print_growth(rows, names)
     return {"mode": "grid", "rows": rows}
+
+
+def print_growth(rows: list[dict], names: list[str]) -> None:
+    """Peak memory and time at the largest K over those at the smallest, per configuration and size."""
+    done = [r for r in rows if "peak_bytes" in r]
+    ks = sorted({r["k"] for r in done})
+    if len(ks) < 2:
+        return
+    print(f"\nGrowth from K={ks[0]} to K={ks[-1]} (largest K over smallest; flat = 1.00):")
+    print("| configuration | size | peak MiB | memory growth | time growth |")
+    print("|---|---|---|---|---|")
+    for size in sorted({r["size"] for r in done}):
+        for name in names:
+            by_k = {r["k"]: r for r in done if r["config"] == name and r["size"] == size}
+            if ks[0] in by_k and ks[-1] in by_k:
+                lo, hi = by_k[ks[0]], by_k[ks[-1]]
+                print(f"| {name} | {size} | {lo['peak_bytes'] / 2**20:.0f} -> {hi['peak_bytes'] / 2**20:.0f} | "
+                      f"{ratio(hi['peak_bytes'], lo['peak_bytes'])} | {ratio(hi['seconds'], lo['seconds'])} |")
 
 
 def run_data_path(a: argparse.Namespace) -> dict:
@@ -518,7 +557,8 @@ def run_data_path(a: argparse.Namespace) -> dict:
     def learner():
         m = copy.deepcopy(model)
         lr = MetaLearner.create(a.data_algorithm, m, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                                precision=precision, backend=a.backends[0], outer=OuterSettings(lr=a.outer_lr))
+                                precision=precision, backend=a.backends[0], outer=OuterSettings(lr=a.outer_lr),
+                                **algorithm_options(a, a.data_algorithm))
         return lr, lr.make_optimizer(), precision.grad_scaler()
 
     real, pre = learner(), learner()

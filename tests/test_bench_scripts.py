@@ -163,3 +163,22 @@ def test_bench_data_path_replays_the_real_loaders_tasks(tmp_path):
     assert result["same_weights"] is True  # the preloaded tasks are exactly the loader's
     assert set(result["seconds"]) == {"real loader", "preloaded"} and result["sample_seconds"] > 0
     assert "added by the loader:" in stdout and "same tasks and weights in both runs: True" in stdout
+
+
+def test_bench_times_imaml_on_request_with_its_options():
+    stdout = bench(*SMALL, "--algorithms", "imaml", "--backends", "func", "higher", "--no-floors", "--no-memory",
+                   "--cg-steps", "2", "--imaml-lambda", "1.0")
+    rows = rows_of(stdout)
+    assert set(rows) == {"plain", "imaml/func", "imaml/higher"}, stdout
+    assert float(rows["imaml/func"][3]) > 0 and "--cg-steps 2" in stdout
+
+
+@pytest.mark.slow  # two processes at 32 px: ~30 s on two idle cores
+def test_bench_grid_shows_imaml_memory_flat_in_k(tmp_path):
+    stdout = bench("--grid", "--threads", "1", "--depth", "3", "--grid-sizes", "32", "--grid-k", "1", "6",
+                   "--reps", "1", "--algorithms", "imaml", "--backends", "func", "--json", str(tmp_path / "g.json"))
+    rows = {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    assert set(rows) == {(c, k) for c in ("plain", "imaml/func") for k in (1, 6)}
+    # no graph through the inner steps: six steps keep what one keeps (second-order MAML: ~30 MiB more per step)
+    assert rows["imaml/func", 6]["peak_bytes"] < rows["imaml/func", 1]["peak_bytes"] + 10 * 2**20
+    assert "Growth from K=1 to K=6" in stdout and "| imaml/func | 32 |" in stdout

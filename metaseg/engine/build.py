@@ -24,8 +24,8 @@ from metaseg.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 GRANULARITIES = ("tensor", "element")
 QUERY_FROM = ("same", "other")
-# algorithms whose outer step has no gradient through the inner loop to learn from
-NO_META_GRADIENT = ("reptile", "erm")
+# algorithms whose outer step has no gradient through the inner loop to learn from (iMAML's is implicit)
+NO_META_GRADIENT = ("reptile", "erm", "imaml")
 FIRST_ORDER_ONLY = ("fomaml", "reptile", "erm")
 
 
@@ -98,6 +98,8 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
         kwargs.update(per_element=per_element, per_step=per_step)
     if m.algorithm == "mldg":
         kwargs["gamma"] = m.gamma
+    if m.algorithm == "imaml":
+        kwargs.update(lam=m.imaml_lambda, cg_steps=m.cg_steps, cg_damping=m.cg_damping)
     learner = ALGORITHMS[m.algorithm](model, **kwargs)
     if m.learn_inner_lr and learner.step_sizes is None:  # MAML++ LSLR on maml / anil / mldg / fomaml
         params = dict(model.named_parameters())

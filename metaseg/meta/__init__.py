@@ -9,6 +9,7 @@ from metaseg.meta.base import Algorithm, OuterSettings
 from metaseg.meta.capability import SecondOrderError, second_order_problem
 from metaseg.meta.erm import ERM
 from metaseg.meta.fomaml import FOMAML
+from metaseg.meta.imaml import IMAML
 from metaseg.meta.maml import MetaLearner, pixel_cross_entropy
 from metaseg.meta.metasgd import MetaSGD, StepSizes
 from metaseg.meta.mldg import MLDG
@@ -17,9 +18,9 @@ from metaseg.meta.reptile import Reptile
 from metaseg.meta.safety import DivergenceError
 
 ALGORITHMS: dict[str, type[MetaLearner]] = {
-    cls.name: cls for cls in (MetaLearner, FOMAML, ANIL, MetaSGD, Reptile, MLDG, ERM)
+    cls.name: cls for cls in (MetaLearner, FOMAML, ANIL, MetaSGD, Reptile, MLDG, ERM, IMAML)
 }
 
-__all__ = ["ALGORITHMS", "ANIL", "Algorithm", "DivergenceError", "ERM", "FOMAML", "MLDG", "MetaLearner",
+__all__ = ["ALGORITHMS", "ANIL", "Algorithm", "DivergenceError", "ERM", "FOMAML", "IMAML", "MLDG", "MetaLearner",
            "MetaSGD", "OuterSettings", "Precision", "Reptile", "SecondOrderError", "StepSizes",
            "pixel_cross_entropy", "second_order_problem"]
