@@ -419,7 +419,7 @@ def test_erm_makes_k_plus_one_adam_updates_on_the_same_batches():
 
 
 def test_every_algorithm_is_reachable_from_metalearner():
-    assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "metasgd", "reptile", "mldg", "erm"}
+    assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "metasgd", "reptile", "mldg", "erm", "imaml"}
     for name, cls in ALGORITHMS.items():
         extra = {"inner_params": ["-1"]} if name == "anil" else {}  # ANIL's default names smp modules
         learner = MetaLearner.create(name, tiny_net(), inner_lr=ALPHA, inner_steps=1, **extra)
