@@ -79,7 +79,10 @@ def find_runs(root: Path) -> list[Run]:
             run.status = "incomplete"
         budget_file = folder / "budget.json"  # wall time, kept out of metrics.json (engine/budget.py)
         if run.metrics is not None and budget_file.is_file():
-            total = json.loads(budget_file.read_text()).get("total") or {}
+            try:
+                total = json.loads(budget_file.read_text()).get("total") or {}
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise MetasegError(f"{budget_file} is not a budget file ({exc}); delete or re-run that run") from None
             seconds = {k: total[k] for k in ("train_seconds", "seconds") if k in total}
             run.metrics.setdefault("budget", {}).update(seconds)
         runs.append(run)

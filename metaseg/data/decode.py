@@ -5,10 +5,20 @@ a missing, unreadable or mismatched file is reported in a second even for a larg
 :func:`decode_pair` then decodes pixels, which finds truncated files and undeclared mask
 values. Large JPEGs are decoded at a reduced scale (``Image.draft``, the DCT-domain
 shrink) when the cache needs far fewer pixels than the file holds.
+
+An image or mask of more than ``MAX_PIXELS`` (Pillow's decompression-bomb threshold, about
+9459 x 9459) is refused from its header, before a pixel is decoded, with one line naming its
+size: a 10000 x 10000 PNG would take gigabytes on its way through a model at full size, and
+downscaling it here would give masks of another size than the image. Such files are
+reported like unreadable ones (``metaseg-data`` stops naming them, ``metaseg-predict`` skips
+them and lists them); Pillow's own two-line warning is not shown.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +31,33 @@ from metaseg.data.labels import LabelMap
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif")
 INDEX_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
+_OPENING = threading.Lock()  # warnings filters are process-wide: one open at a time changes them
+
+
+class ImageTooLarge(ValueError):
+    """An image file with more pixels than ``MAX_PIXELS``."""
+
+
+def _too_large(pixels: int, size: str = "") -> ImageTooLarge:
+    return ImageTooLarge(f"{size}{pixels / 1e6:.0f} megapixels, more than the {MAX_PIXELS / 1e6:.0f} metaseg "
+                         f"decodes; downscale it or cut it into tiles")
+
+
+def open_image(path: Path) -> Image.Image:
+    """``Image.open`` (header only), refusing an image of more than ``MAX_PIXELS`` before it is decoded."""
+    with _OPENING, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:  # over twice Pillow's limit: refused by Pillow itself
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(int(found.group(1)) if found else 2 * MAX_PIXELS + 1) from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise _too_large(w * h, f"{w}x{h}, ")
+    return im
 
 
 @dataclass
@@ -41,6 +78,9 @@ class Probe:
 
 
 def error_reason(exc: BaseException) -> str:
+    """One line saying why a file could not be read (the caller names the file)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return exc.strerror  # "Too many levels of symbolic links", without the path again
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -48,12 +88,12 @@ def error_reason(exc: BaseException) -> str:
 def probe(pair: Pair, labels: LabelMap) -> Probe:
     """Headers only: readable files, equal sizes, a single-channel mask."""
     try:
-        with Image.open(pair.image) as im:
+        with open_image(pair.image) as im:
             isize = im.size
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
         return Probe((0, 0), ("unreadable", f"{pair.image.name} ({error_reason(exc)})"))
     try:
-        with Image.open(pair.mask) as m:
+        with open_image(pair.mask) as m:
             msize, mode = m.size, m.mode
     except Exception as exc:  # noqa: BLE001
         return Probe(isize, ("unreadable", f"{pair.mask.name} ({error_reason(exc)})"))
@@ -66,7 +106,7 @@ def probe(pair: Pair, labels: LabelMap) -> Probe:
 
 def read_mask(path: Path, labels: LabelMap) -> np.ndarray:
     """Raw mask values (H, W): palette indices stay indices; RGB is greyed only when thresholding."""
-    with Image.open(path) as m:
+    with open_image(path) as m:
         if m.mode == "1":
             m = m.convert("L")
         elif m.mode not in INDEX_MODES:
@@ -79,7 +119,7 @@ def read_mask(path: Path, labels: LabelMap) -> np.ndarray:
 
 def read_image(path: Path, shrink_to: Optional[tuple[int, int]] = None) -> Image.Image:
     """The image as RGB; ``shrink_to=(W, H)`` lets a JPEG decode at up to 8x smaller scale first."""
-    im = Image.open(path)
+    im = open_image(path)
     if shrink_to is not None and im.format == "JPEG":
         im.draft("RGB", shrink_to)
     im = im.convert("RGB")

@@ -28,11 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def list_files(folder: Path, exts: tuple[str, ...], name: str, strip: str = "") -> dict[str, Path]:
-    """``stem -> path`` of the files of ``folder`` with one of ``exts`` (hidden files skipped)."""
+    """``stem -> path`` of the files of ``folder`` with one of ``exts`` (hidden files skipped).
+
+    A symbolic link that leads nowhere (a loop, a missing target) is listed too, not dropped:
+    reading it then fails and names it, like any other file that cannot be read.
+    """
     out: dict[str, Path] = {}
     dupes = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in exts:
+        if path.name.startswith(".") or not (path.is_file() or broken_link(path)) or path.suffix.lower() not in exts:
             continue
         stem = path.stem
         if strip:
@@ -46,6 +50,11 @@ def list_files(folder: Path, exts: tuple[str, ...], name: str, strip: str = "") 
         raise DataError(f"dataset {name!r} ({folder}): {len(dupes)} stem(s) have two files: {few(dupes)}; "
                         f"keep one file per stem")
     return out
+
+
+def broken_link(path: Path) -> bool:
+    """A symbolic link whose target cannot be reached (a loop, or a missing file)."""
+    return path.is_symlink() and not path.exists()
 
 
 def read_table(path: Path, name: str) -> tuple[list[str], dict[str, dict[str, str]]]:

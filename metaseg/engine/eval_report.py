@@ -210,10 +210,15 @@ def _get(scores: dict, reduction: str, metric: str) -> dict:
     return scores["image"].get(metric) if reduction == "image" else scores.get(metric)
 
 
+def _header(first: str, ks: Sequence[str]) -> list[str]:
+    """A table's header and rule: ``first``, zero-shot, then a column per k (none without episodes)."""
+    cells = [first, "zero-shot", *[f"{k}-shot" for k in ks]]
+    return ["| " + " | ".join(cells) + " |", "|---|" + "---:|" * (len(cells) - 1)]
+
+
 def _metric_table(result: dict, metric: str, reduction: str) -> list[str]:
     ks = _shots(result)
-    lines = ["| dataset | zero-shot | " + " | ".join(f"{k}-shot" for k in ks) + " |",
-             "|---|---:|" + "---:|" * len(ks)]
+    lines = _header("dataset", ks)
     zero_col, k_cols = [], {k: [] for k in ks}
     for name, res in result["datasets"].items():
         z = _get(res["zero_shot"], reduction, metric)
@@ -265,8 +270,7 @@ def markdown_report(result: dict) -> str:
     out += ["", "## Per-class IoU (%), dataset reduction"]
     for name, res in result["datasets"].items():
         names = classes or [f"class {c}" for c in range(len(res["zero_shot"]["iou"]))]
-        out += ["", f"### {name}", "", "| class | zero-shot | " + " | ".join(f"{k}-shot" for k in ks) + " |",
-                "|---|---:|" + "---:|" * len(ks)]
+        out += ["", f"### {name}", "", *_header("class", ks)]
         for c, cname in enumerate(names):
             cells = [_cell(res["zero_shot"]["iou"][c])]
             for k in ks:

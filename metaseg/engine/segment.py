@@ -94,6 +94,12 @@ def validate_predict(cfg: Any) -> None:
             if cfg.adapt[key] is not None:
                 raise ConfigError(f"adapt.{key}={cfg.adapt[key]} but there is no support to adapt on: give "
                                   f"support=DIR (labelled images), or drop adapt.{key} for zero-shot prediction")
+    out = Path(os.path.expanduser(str(cfg.out)))
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)  # the nearest thing that exists
+    if blocking is not None and not blocking.is_dir():
+        where = "is a file" if blocking == out else f"lies under the file {str(blocking)!r}"
+        raise ConfigError(f"out={str(cfg.out)!r} {where}; give a folder to write masks/, overlays/ and "
+                          f"{SUMMARY} to (it is created if missing)")
     if cfg.support is not None and not Path(os.path.expanduser(str(cfg.support))).is_dir():
         raise ConfigError(f"support={str(cfg.support)!r} is not a folder; give the labelled folder "
                           f"(images/<stem>.png|jpg + masks/<stem>.png), or leave support out for zero-shot")
