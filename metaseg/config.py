@@ -163,6 +163,8 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads; null leaves torch's default
     resume: Optional[str] = None  # null: fresh | auto: <run dir>/checkpoints/last.pt if any | PATH (.pt or run dir)
     resume_strict: bool = True  # refuse a checkpoint of another metaseg version or config (false: warn)
+    # a fresh run into a folder that holds a run is refused; true: delete its outputs and start afresh
+    overwrite: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms: same numbers on GPU too, slower
     deterministic_warn_only: bool = False  # warn (not stop) at an op without a deterministic kernel
     best_metric: str = "val.mean.adapted_miou"  # result key for best.pt and the objective; val.: validation tasks

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from metaseg.data.tasks import TaskSampler
+from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.eval_checkpoint import evaluate_checkpoint
 from metaseg.engine.trainer import train
 from metaseg.meta import DivergenceError, MetaLearner, SecondOrderError, second_order_problem
@@ -53,13 +54,13 @@ def test_metasgd_step_sizes_are_restored_by_metaseg_eval(tiny_cfg, tmp_path):
     assert first["datasets"] == again["datasets"]
     ckpt = torch.load(path, weights_only=True)
     ckpt["meta_state"]["step_sizes"] = {k: v * 3 for k, v in ckpt["meta_state"]["step_sizes"].items()}
-    torch.save(ckpt, tmp_path / "tampered.pt")
+    save_checkpoint(tmp_path / "tampered.pt", **ckpt)  # a new digest: torch.save would keep the old one
     other = evaluate_checkpoint(ecfg(tmp_path / "tampered.pt"), tmp_path / "e3")
     zero = lambda r: {n: d["zero_shot"] for n, d in r["datasets"].items()}  # noqa: E731
     assert zero(other) == zero(first)  # same theta...
     assert other["mean"]["adapted_miou"] != first["mean"]["adapted_miou"]  # ...adapted with the saved rates
     del ckpt["meta_state"]
-    torch.save(ckpt, tmp_path / "stripped.pt")
+    save_checkpoint(tmp_path / "stripped.pt", **ckpt)
     from metaseg.utils.errors import CheckpointError
     with pytest.raises(CheckpointError, match="no meta_state.step_sizes"):
         evaluate_checkpoint(ecfg(tmp_path / "stripped.pt"), tmp_path / "e4")

@@ -10,7 +10,11 @@ budgets. A run counts, during its outer steps only (not evaluation, monitoring o
   through, once per time it did: a first-order inner step counts its support batch once,
   a second-order outer step counts the support batches of its inner loop again (the
   gradient goes back through their graph a second time);
-* ``train_seconds``: wall time inside the outer steps; ``seconds``: the whole run.
+* ``train_seconds``: wall time inside the outer steps; ``seconds``: the whole run, from the
+  first step to the last checkpoint, over every process that worked on it (a run killed and
+  resumed adds each sitting's time up to the checkpoint it was resumed from; the work redone
+  after that checkpoint is not counted twice). A checkpoint written before ``seconds`` was
+  kept in it holds only ``train_seconds``, which then stands in for its earlier sittings.
 
 Forward passes are seen by a global module forward hook that fires for the model and for
 higher's patched copy of it (``Functional<Arch>``); backward passes by a tensor hook on
@@ -46,6 +50,8 @@ class Budget:
         self.backward_images = 0
         self.outer_steps = 0
         self.train_seconds = 0.0
+        self.earlier_seconds = 0.0  # wall time of the sittings before this process (from the checkpoint)
+        self._started: Optional[float] = None
 
     def _forward(self, module: nn.Module, inputs, output) -> None:
         if type(module).__name__ not in self.names or not inputs or not torch.is_tensor(inputs[0]):
@@ -70,16 +76,27 @@ class Budget:
             self.train_seconds += time.perf_counter() - t0
             self.outer_steps += 1
 
+    def start_clock(self) -> None:
+        """This process starts its share of the run's wall time (``seconds``) now."""
+        self._started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """The whole run's wall time so far: earlier sittings' plus this process's since :meth:`start_clock`."""
+        own = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.earlier_seconds + own
+
     def counts(self) -> dict:
         return {key: int(getattr(self, key)) for key in COUNTS}
 
     def state_dict(self) -> dict:
-        return {**self.counts(), "train_seconds": float(self.train_seconds)}
+        return {**self.counts(), "train_seconds": float(self.train_seconds), "seconds": float(self.seconds)}
 
     def load_state_dict(self, state: Mapping) -> None:
         for key in COUNTS:
             setattr(self, key, int(state.get(key, 0)))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.earlier_seconds = float(state.get("seconds", self.train_seconds))
 
 
 def read_budget(run_dir: Path) -> Optional[dict]:

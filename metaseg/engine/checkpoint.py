@@ -9,15 +9,31 @@ A run writes ``<run dir>/checkpoints/last.pt`` every ``trainer.ckpt_every`` step
 training state (see ``metaseg.engine.state``), so either can be resumed or evaluated.
 Resuming checks that the checkpoint was written by this metaseg version with the same
 model, data, meta and seed settings, and names every key that differs.
+
+Every checkpoint carries ``digest``: a SHA-256 over the name, type, dtype, shape and bytes of
+every tensor and the value of every other entry, checked on load, so a file damaged on disk
+or in transfer (which torch would otherwise load with changed numbers) is refused, naming
+the file. Checkpoints written before digests existed have none and load as before.
+
+A run folder holds one run: ``claim_run_dir`` refuses to start a fresh run where one already
+is (unless it is resumed, or ``trainer.overwrite=true`` clears it first) and locks the folder
+for the run's lifetime, so two live runs never write into one folder.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -29,13 +45,14 @@ from metaseg.utils.runtime import atomic_write
 log = logging.getLogger(__name__)
 FORMAT = 1
 LAST, BEST = "last.pt", "best.pt"
+DIGEST = "digest"  # the checkpoint's key holding digest(payload)
 
 # Keys a resumed run may change: how long, where, how often to report, how to evaluate.
 # Everything else (data, model, meta, seed, precision, best metric, ...) must match, so that
 # the continuation is the run that was started, not another one.
 MAY_DIFFER_ON_RESUME = (
-    "trainer.resume", "trainer.resume_strict", "trainer.max_steps", "trainer.device", "trainer.threads",
-    "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.deterministic",
+    "trainer.resume", "trainer.resume_strict", "trainer.overwrite", "trainer.max_steps", "trainer.device",
+    "trainer.threads", "trainer.log_every", "trainer.eval_every", "trainer.ckpt_every", "trainer.deterministic",
     "trainer.deterministic_warn_only", "trainer.monitor_tasks", "trainer.patience",
     "eval.*", "data.root", "data.datasets.*.root",
 )
@@ -46,8 +63,9 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> None:
-    """Write ``state`` (plus format and version) to ``path`` atomically and durably."""
-    payload = {"format": FORMAT, "version": __version__, **state}
+    """Write ``state`` (plus format, version and digest) to ``path`` atomically and durably."""
+    payload = {"format": FORMAT, "version": __version__, **{k: v for k, v in state.items() if k != DIGEST}}
+    payload[DIGEST] = digest(payload)
     path = Path(path)
 
     def _write(tmp: str) -> None:
@@ -75,6 +93,56 @@ def _remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def digest(payload: Mapping) -> str:
+    """``sha256:<hex>`` over every entry of ``payload`` but ``digest``: names, types, dtypes, shapes, bytes.
+
+    Computed from the loaded objects, not the file, so it does not depend on how torch lays the
+    file out; any changed tensor byte or value changes it.
+    """
+    h = hashlib.sha256()
+    _feed(h, "", {k: v for k, v in payload.items() if k != DIGEST})
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h: Any, name: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+        h.update(f"{name}:{type(value).__name__}[{len(value)}]\n".encode())
+        for key, item in value.items():
+            _feed(h, f"{name}/{key!r}", item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{name}:{type(value).__name__}[{len(value)}]\n".encode())
+        for i, item in enumerate(value):
+            _feed(h, f"{name}/{i}", item)
+    elif torch.is_tensor(value):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{name}:tensor {t.dtype} {tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    else:
+        h.update(f"{name}:{type(value).__name__}={value!r}\n".encode())
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def printable(text: str) -> str:
+    """``text`` without terminal escape sequences, other control characters shown as ``\\xNN``."""
+    text = _ANSI.sub("", text)
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line and without torch's advice
+    to retry with ``weights_only=False`` (which would run whatever code the file carries)."""
+    text = printable(str(exc)).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it needs {found.group(1)}" if found else "it is not a torch file of plain data"
+        return (f"{what}, and metaseg loads only tensors, numbers, strings, lists and dicts, because anything "
+                f"else could run code when loaded")
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -82,12 +150,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated or code-carrying files alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint={path!r} cannot be loaded as plain data (weights_only): {first}"
-        ) from exc
+        raise CheckpointError(f"checkpoint={path!r} cannot be loaded as plain data: {load_error_reason(exc)}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"checkpoint={path!r} is not a metaseg checkpoint (no 'model' and 'config')")
+    if DIGEST in ckpt and ckpt[DIGEST] != digest(ckpt):
+        raise CheckpointError(f"checkpoint={path!r} is damaged: its tensors or values no longer match the digest it "
+                              f"was saved with; copy it again from its source, or use another checkpoint "
+                              f"(last.pt or best.pt of the same run)")
+    if not isinstance(ckpt["model"], Mapping) or not isinstance(ckpt["config"], Mapping):
+        raise CheckpointError(f"checkpoint={path!r} is not a metaseg checkpoint ('model' and 'config' must be "
+                              f"mappings, got {type(ckpt['model']).__name__} and {type(ckpt['config']).__name__})")
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint={path!r} has format {ckpt.get('format')!r}, this metaseg "
@@ -98,13 +170,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
+def _no_resume(resume: Optional[str]) -> bool:
+    return resume is None or str(resume).strip() in ("", "null", "none", "None")
+
+
 def resume_path(resume: Optional[str], run_dir: str | os.PathLike) -> Optional[Path]:
     """Which checkpoint ``trainer.resume`` names: None (fresh run), a file, or a run folder's last.pt.
 
     ``auto`` is this run folder's ``checkpoints/last.pt`` when it exists, else a fresh start, so
     the same command both starts and continues a run (``hydra.run.dir`` fixed).
     """
-    if resume is None or str(resume).strip() in ("", "null", "none", "None"):
+    if _no_resume(resume):
         return None
     if str(resume) == "auto":
         last = checkpoint_dir(run_dir) / LAST
@@ -188,3 +264,126 @@ def resume_training(trainer_cfg: Any, run_dir: str | os.PathLike, config: Mappin
     restore(ckpt, objects, os.fspath(path))
     log.info("resumed from %s at step %d of %d", path, step, trainer_cfg.max_steps)
     return step
+
+
+# -- one run per folder -------------------------------------------------------------------
+LOCK = ".train.lock"
+METRICS = "metrics.json"
+# what metaseg-train writes into its folder; trainer.overwrite=true deletes these first
+RUN_OUTPUTS = ("checkpoints", "tb", METRICS, "budget.json", "timing.json", "curve.png")
+
+
+def finished_or_started(run_dir: Path, stages: Sequence[str] = ()) -> Optional[str]:
+    """What says ``run_dir`` (or one of its ``stages`` folders) already holds a run, or None."""
+    for folder in (run_dir, *[run_dir / s for s in stages]):
+        found = [folder / METRICS] if (folder / METRICS).is_file() else []
+        found += sorted(checkpoint_dir(folder).glob("*.pt")) if checkpoint_dir(folder).is_dir() else []
+        if found:  # a stage's metrics.json: its first stage is done, the run is not
+            done = folder == run_dir and found[0].name == METRICS
+            return f"{'a finished' if done else 'an unfinished'} run ({found[0].relative_to(run_dir)})"
+    return None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.train.lock``, held while the run lives.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a
+    lock left by a killed run never blocks the next one and a recycled pid cannot fake a live
+    run; the pid in the file only names the holder in the refusal. On a filesystem without
+    locks the run goes ahead with a warning, as before.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            log.warning("no file locks here, so nothing stops a second run from writing into %s", self.path.parent)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise CheckpointError(f"{self.path.parent} is in use by another metaseg-train{holder}: two runs "
+                                      f"cannot write into one folder; wait for it to end, or pick another "
+                                      f"hydra.run.dir") from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                os.close(fd)
+                log.warning("%s: this filesystem has no file locks, so nothing stops a second run from writing "
+                            "into the same folder", self.path.parent)
+                return self
+            try:  # the file may have been removed by a run that just ended: lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def claim_run_dir(run_dir: str | os.PathLike, trainer_cfg: Any, stages: Sequence[str] = ()) -> RunLock:
+    """Lock ``run_dir`` for this run, refusing a folder that already holds one unless it is resumed.
+
+    A fresh run (``trainer.resume`` null) into a folder with a checkpoint or ``metrics.json``
+    would restart from step 1 over the earlier run's files; it stops instead, naming both ways
+    on: ``trainer.resume=auto`` continues the run, ``trainer.overwrite=true`` deletes its
+    outputs (``RUN_OUTPUTS``, and the ``stages`` folders) and starts afresh. With
+    ``trainer.resume`` set nothing changes: the run continues as before.
+    """
+    run_dir = Path(run_dir)
+    overwrite = bool(getattr(trainer_cfg, "overwrite", False))
+    resumes = not _no_resume(trainer_cfg.resume)
+    if overwrite and resumes:
+        raise CheckpointError(f"trainer.overwrite=true starts {run_dir} afresh, but trainer.resume="
+                              f"{trainer_cfg.resume} continues a run: drop one of them")
+    lock = RunLock(run_dir).acquire()
+    try:
+        held = None if resumes else finished_or_started(run_dir, stages)
+        if held and not overwrite:
+            raise CheckpointError(f"{run_dir} already holds {held}; continue it with trainer.resume=auto, start "
+                                  f"afresh with trainer.overwrite=true (deletes its checkpoints, metrics and "
+                                  f"tensorboard events), or pick another hydra.run.dir")
+        if held:
+            for name in (*RUN_OUTPUTS, *stages):
+                target = run_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+            log.warning("trainer.overwrite=true: deleted the earlier run's outputs in %s", run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

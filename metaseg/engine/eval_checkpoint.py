@@ -71,8 +71,21 @@ def read_checkpoint(path: Any) -> tuple[dict, Any]:
     try:
         train_cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     except Exception as exc:  # noqa: BLE001 - schema mismatch of an older/newer checkpoint
-        raise CheckpointError(f"checkpoint={path!r}: its config does not fit this metaseg: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint={path!r}: its config does not fit this metaseg: {first}") from exc
+    missing = sorted(OmegaConf.missing_keys(train_cfg))  # what the schema cannot default: data, model, ...
+    if missing:
+        raise CheckpointError(f"checkpoint={path!r} has an incomplete config (no {', '.join(missing[:6])}), so its "
+                              f"model cannot be rebuilt; use a checkpoint written by metaseg-train "
+                              f"(<run dir>/checkpoints/last.pt or best.pt)")
     return ckpt, train_cfg
+
+
+def state_dict_problem(exc: BaseException, limit: int = 240) -> str:
+    """The first detail of torch's ``load_state_dict`` error (its first line only names the model)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    return detail if len(detail) <= limit else detail[: limit - 3] + "..."
 
 
 def checkpoint_model(ckpt: dict, train_cfg: Any, classes: Sequence[str], path: str) -> tuple[nn.Module, dict]:
@@ -92,7 +105,7 @@ def checkpoint_model(ckpt: dict, train_cfg: Any, classes: Sequence[str], path: s
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint={path!r}: weights do not fit its model config: "
-                                  f"{str(exc).splitlines()[0]}") from exc
+                                  f"{state_dict_problem(exc)}") from exc
     head = {"kind": "new" if new_head else "checkpoint", "checkpoint_classes": trained,
             "init": "support prototypes (Proto-MAML)" if new_head else None}
     return model, head

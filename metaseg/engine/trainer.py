@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from metaseg.engine import distributed
 from metaseg.engine.best import BestTracker
 from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
-from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, resume_training, save_checkpoint
+from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, claim_run_dir, resume_training, save_checkpoint
 from metaseg.engine.eval_report import CURVE_PNG, plot_curves
 from metaseg.engine.evaluate import PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
 from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
@@ -39,6 +40,7 @@ from metaseg.engine.state import capture, honours_determinism, kill_if_requested
 from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
 from metaseg.data.splits import check_validation_sizes
 from metaseg.meta.precision import Precision
+from metaseg.meta.safety import DivergenceWatch
 from metaseg.models.factory import build_model
 from metaseg.models.weights import fill_normalisation, weights_normalisation
 from metaseg.utils.errors import ConfigError
@@ -146,17 +148,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate(cfg)
     weights_normalisation(cfg.model)  # named weights: offline and not cached stops here, before any data is read
-    cfg = settle_normalisation(cfg, run_dir)  # before the data is built, and before the config is checkpointed
-    cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
-    seed_everything(cfg.seed)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
-    ctx = distributed.setup(device)  # torchrun: join the group, take cuda:LOCAL_RANK; else one process
+    # one run per folder, locked while it lives (torchrun's RANK: rank 0 locks for all, before the group forms)
+    lock = claim_run_dir(run_dir, cfg.trainer, (STAGE_DIR,)) if os.environ.get("RANK", "0") == "0" else None
     try:
-        return _train(cfg, ctx, Path(distributed.broadcast(str(run_dir))))  # rank 0's folder for all
+        cfg = settle_normalisation(cfg, run_dir)  # before the data is built, and before the config is checkpointed
+        cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
+        seed_everything(cfg.seed)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        device = resolve_device(cfg.trainer.device)
+        ctx = distributed.setup(device)  # torchrun: join the group, take cuda:LOCAL_RANK; else one process
+        try:
+            return _train(cfg, ctx, Path(distributed.broadcast(str(run_dir))))  # rank 0's folder for all
+        finally:
+            ctx.close()
     finally:
-        ctx.close()
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
@@ -194,6 +202,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     start_step = resume_training(cfg.trainer, run_dir, resolved, stateful)  # every rank reads the same file
     distributed.offset_streams(cfg.seed, start_step, ctx.rank)
     distributed.broadcast_tensors([*learner.parameters(), *model.buffers()])
+    watch = DivergenceWatch.of(learner)  # losses or weights grown by orders of magnitude stop the run
 
     def main_only(fn):  # checkpoints and tensorboard: rank 0 writes, the others skip
         return fn if ctx.main else (lambda *args, **kwargs: None)
@@ -237,6 +246,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None) \
         if ctx.main else None
     t0 = time.perf_counter()
+    budget.start_clock()  # budget.json's seconds: this process's time added to the earlier sittings'
     step = start_step
     try:
         bar = progress(start_step, cfg.trainer.max_steps)
@@ -245,6 +255,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
             # one outer step of the algorithm (metaseg/meta/base.py): tasks, inner loops, theta update
             with budget.counting():
                 stats = learner.meta_step(sampler, optimizer, scaler, step, device=device, log=log_now)
+            watch.check(step, stats)  # a diverged step stops here, before it can be evaluated or saved
 
             if log_now and writer is not None:
                 elapsed = time.perf_counter() - t0
@@ -291,7 +302,8 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     distributed.barrier()  # every rank has finished before rank 0 reports the run done
     if not ctx.main:
         return {**metrics, "seconds": seconds}
-    spent = write_budget(run_dir, budget, seconds, {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
+    spent = write_budget(run_dir, budget, budget.seconds,
+                         {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
     metrics["budget"] = {k: v for k, v in spent["total"].items() if not k.endswith("seconds")}
     write_json(run_dir / "metrics.json", metrics)
     if any("curve" in r for r in result.get("datasets", {}).values()):
