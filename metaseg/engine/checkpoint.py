@@ -23,7 +23,9 @@ for the run's lifetime, so two live runs never write into one folder.
 from __future__ import annotations
 
 import errno
+import dataclasses
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -207,6 +209,28 @@ def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix[:-1], tree
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_defaults() -> dict:
+    """Every key of the training schema with its default, flattened (``meta.inner_lr``: 0.1)."""
+    from metaseg.config import DataConfig, EvalConfig, MetaConfig, ModelConfig, PretrainConfig, TrainerConfig
+
+    tree = {"data": dataclasses.asdict(DataConfig(name="")),
+            "model": dataclasses.asdict(ModelConfig()), "meta": dataclasses.asdict(MetaConfig()),
+            "trainer": dataclasses.asdict(TrainerConfig()), "eval": dataclasses.asdict(EvalConfig()),
+            "pretrain": dataclasses.asdict(PretrainConfig())}
+    return dict(flatten(tree))
+
+
+def schema_default(key: str, missing: Any) -> Any:
+    """The schema's default of a flattened key (a dataset's own keys: ``DatasetConfig``'s), else ``missing``."""
+    from metaseg.config import DatasetConfig
+
+    parts = key.split(".")
+    if len(parts) == 4 and parts[:2] == ["data", "datasets"]:
+        return dataclasses.asdict(DatasetConfig()).get(parts[3], missing)
+    return _schema_defaults().get(key, missing)
+
+
 def config_differences(saved: Mapping, current: Mapping,
                        may_differ: tuple[str, ...] = MAY_DIFFER_ON_RESUME) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every key that differs and must not."""
@@ -217,6 +241,8 @@ def config_differences(saved: Mapping, current: Mapping,
         if any(fnmatch.fnmatchcase(key, pat) for pat in may_differ):
             continue
         va, vb = a.get(key, missing), b.get(key, missing)
+        if va is missing and vb == schema_default(key, missing):
+            continue  # a key this version added, at its default: the saved run behaved that way
         if va != vb:
             out.append((key, "<absent>" if va is missing else va, "<absent>" if vb is missing else vb))
     return out
