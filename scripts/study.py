@@ -240,8 +240,8 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
 
 
 def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> Optional[Path]:
-    """Per fold: k-shot Dice against adaptation steps (left), and Dice against k after the curve's
-    longest adaptation (right); one line per arm, with its 95% interval."""
+    """Per fold: k-shot Dice against adaptation steps (left), and Dice against k at the tuned
+    steps (right, the protocol's table); one line per arm, with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,14 +265,14 @@ def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> O
                 c = [by_k[k][s]["ci95"] for s in steps]
                 row[0].plot(x, m, marker="o", label=arm)
                 row[0].fill_between(x, [a - b for a, b in zip(m, c)], [a + b for a, b in zip(m, c)], alpha=0.15)
-            last = str(max(int(s) for s in next(iter(by_k.values()))))
-            ks = sorted(by_k, key=int)
-            zero = record[f"{fold}/{arm}"]["zero_shot"]
-            row[1].errorbar([0, *map(int, ks)], [zero, *[by_k[q][last]["mean"] for q in ks]],
-                            yerr=[0, *[by_k[q][last]["ci95"] for q in ks]], marker="o", capsize=3, label=arm)
+            table = record[f"{fold}/{arm}"]["shots"]  # every k of eval.shots at the tuned steps
+            ks = sorted(table, key=int)
+            zero = by_k.get(k, {}).get("0") or {"mean": record[f"{fold}/{arm}"]["zero_shot"], "ci95": 0.0}
+            row[1].errorbar([0, *map(int, ks)], [zero["mean"], *[table[q]["mean"] for q in ks]],
+                            yerr=[zero["ci95"], *[table[q]["ci95"] for q in ks]], marker="o", capsize=3, label=arm)
         row[0].set(xscale="log", xlabel=f"adaptation steps ({k}-shot; 0 drawn at 0.5)", ylabel="foreground Dice",
                    title=f"held out: {fold}")
-        row[1].set(xlabel=f"shots k (after {last} steps; 0: zero-shot)", ylabel="foreground Dice", title=fold)
+        row[1].set(xlabel=f"shots k (at the tuned steps; 0: no adaptation, the {k}-shot queries)", ylabel="foreground Dice", title=fold)
         row[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"
@@ -306,8 +306,8 @@ def plot_learning(out: Path, folds: list[str], tag: str = "val/zero_shot_fg_dice
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="outer step", ylabel="validation zero-shot foreground Dice (mean of training sets)",
-           title="erm learning curves (validation tasks only)")
+    ax.set(xlabel="outer step", ylabel="zero-shot foreground Dice",
+           title="erm: validation tasks of the training sets (mean), never the held-out set")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "learning.png"
