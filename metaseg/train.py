@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Optional
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
+from metaseg.engine.checkpoint import finished_or_started
+from metaseg.engine.stages import STAGE_DIR
 from metaseg.engine.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metaseg.conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
+    """The task Hydra runs (and its sweepers call): train, return the objective."""
     with user_errors("metaseg-train"):
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return float(metrics["objective"])
+
+
+def occupied_run_dir(argv: list[str]) -> Optional[str]:
+    """The refusal of a fresh run into ``hydra.run.dir=`` that already holds one, decided before Hydra
+    rewrites that folder's ``.hydra/`` and log (the trainer refuses it too, later, for runs
+    whose folder comes from elsewhere); None when the run may start."""
+    values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
+    if "-m" in argv or "--multirun" in argv or "hydra.run.dir" not in values:
+        return None
+    resume = values.get("trainer.resume", "null").strip()
+    if resume not in ("", "null", "none", "None") or values.get("trainer.overwrite", "false").lower() == "true":
+        return None
+    run_dir = Path(values["hydra.run.dir"])
+    held = finished_or_started(run_dir, (STAGE_DIR,)) if run_dir.is_dir() else None
+    if held is None:
+        return None
+    return (f"{run_dir} already holds {held}; continue it with trainer.resume=auto, start afresh with "
+            f"trainer.overwrite=true (deletes its checkpoints, metrics and tensorboard events), or pick another "
+            f"hydra.run.dir")
+
+
+def main() -> None:
+    problem = occupied_run_dir(sys.argv[1:])
+    if problem:
+        print(f"metaseg-train: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -297,3 +297,19 @@ def test_a_huge_image_is_refused_from_its_header_in_one_line(tmp_path, side):
         found = probe(Pair("huge", path, path), build_label_map("d", compose_cfg(
             "eval", ["checkpoint=x.pt", "data=folder"]).data.datasets.folder, ["background", "foreground"]))
         assert found.problem[0] == "unreadable" and "megapixels" in found.problem[1]
+
+
+def test_metaseg_train_refuses_an_occupied_run_dir_before_hydra_touches_it(tmp_path):
+    """A fresh metaseg-train into a finished run's folder stops before Hydra rewrites its .hydra/ and log."""
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the earlier run's\n")
+    (run / "metrics.json").write_text("{}\n")
+    result = run_cli("metaseg-train", "experiment=smoke", "trainer.device=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds a finished run (metrics.json)" in result.stderr and "trainer.resume=auto" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (run / ".hydra" / "config.yaml").read_text() == "the earlier run's\n"  # untouched
+    assert not (run / "train.log").exists()

@@ -134,7 +134,7 @@ def test_report_errors_are_one_line_with_exit_2(tmp_path):
 
 
 def test_train_returns_the_objective_to_the_sweeper(tmp_path):
-    """``metaseg.train.main`` (what Hydra's sweepers call) returns the configured metric."""
+    """``metaseg.train.hydra_main`` (what Hydra's sweepers call) returns the configured metric."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -148,7 +148,7 @@ def test_train_returns_the_objective_to_the_sweeper(tmp_path):
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        value = metaseg.train.main.__wrapped__(cfg)
+        value = metaseg.train.hydra_main.__wrapped__(cfg)
     finally:
         HydraConfig.instance().cfg = None
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
