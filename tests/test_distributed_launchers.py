@@ -16,7 +16,7 @@ def _hydra(*overrides):
 
 
 def test_slurm_launcher_composes_with_our_defaults_and_overrides():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='optional extra metaseg[cluster]')
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='optional extra metaseg-learn[cluster]')
     cfg = _hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30")
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
@@ -27,7 +27,7 @@ def test_slurm_launcher_composes_with_our_defaults_and_overrides():
 
 
 def test_joblib_launcher_composes_for_parallel_local_sweeps():
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='optional extra metaseg[cluster]')
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='optional extra metaseg-learn[cluster]')
     cfg = _hydra("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert cfg.hydra.launcher._target_.endswith("joblib_launcher.JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == 2
@@ -39,7 +39,7 @@ def test_default_launcher_is_hydras_basic_one():
 
 @pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_in_parallel(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='optional extra metaseg[cluster]')
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='optional extra metaseg-learn[cluster]')
     out = run_cli("metaseg-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke",
                   "trainer.device=cpu", "trainer.max_steps=1", "trainer.threads=1", "eval.episodes=1", "seed=0,1",
                   f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)

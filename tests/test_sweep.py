@@ -156,7 +156,7 @@ def test_train_returns_the_objective_to_the_sweeper(tmp_path):
 
 
 def test_optuna_search_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra metaseg[optuna]")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra metaseg-learn[optuna]")
     from hydra import compose, initialize_config_module
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         cfg = compose("train", ["hparams_search=optuna", "experiment=smoke"], return_hydra_config=True)
@@ -173,7 +173,7 @@ def test_hparams_search_slot_is_empty_by_default():
 
 @pytest.mark.slow
 def test_optuna_search_runs_and_reports(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra metaseg[optuna]")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="optional extra metaseg-learn[optuna]")
     out = run_cli("metaseg-train", "hparams_search=optuna", *TINY_RUN, "hydra.sweeper.n_trials=2",
                   f"hydra.sweep.dir={tmp_path / 'opt'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
