@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
-from metaseg.engine.checkpoint import finished_or_started
+from metaseg.engine.checkpoint import _no_resume, finished_or_started, occupied
 from metaseg.engine.stages import STAGE_DIR
 from metaseg.engine.trainer import train
 
@@ -32,16 +32,11 @@ def occupied_run_dir(argv: list[str]) -> Optional[str]:
     values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
     if "-m" in argv or "--multirun" in argv or "hydra.run.dir" not in values:
         return None
-    resume = values.get("trainer.resume", "null").strip()
-    if resume not in ("", "null", "none", "None") or values.get("trainer.overwrite", "false").lower() == "true":
+    if not _no_resume(values.get("trainer.resume")) or values.get("trainer.overwrite", "false").lower() == "true":
         return None
     run_dir = Path(values["hydra.run.dir"])
     held = finished_or_started(run_dir, (STAGE_DIR,)) if run_dir.is_dir() else None
-    if held is None:
-        return None
-    return (f"{run_dir} already holds {held}; continue it with trainer.resume=auto, start afresh with "
-            f"trainer.overwrite=true (deletes its checkpoints, metrics and tensorboard events), or pick another "
-            f"hydra.run.dir")
+    return occupied(run_dir, held) if held else None
 
 
 def main() -> None:

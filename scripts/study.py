@@ -171,7 +171,7 @@ def read_run(run: Path) -> Optional[dict]:
             "zero_shot_all": read_json(run / ZERO_SHOT / "eval.json")}
 
 
-def arm_budget(out: Path, fold: str, arm: str, runs: dict) -> dict:
+def arm_budget(fold: str, arm: str, runs: dict) -> dict:
     """Images and seconds an arm consumed: a staged arm adds its erm run's budget to its own."""
     own = runs[fold, arm]["budget"] if runs.get((fold, arm)) else {}
     if arm not in STAGED or not runs.get((fold, BASE)):
@@ -203,7 +203,7 @@ def curve_at(s: dict, k: str, steps: str) -> Optional[dict]:
 
 def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
     runs = {(f, a): read_run(out / f / a) for f in folds for a in arms}
-    record = {f"{f}/{a}": {**summary(r, f), "budget": arm_budget(out, f, a, runs), "seconds": r["seconds"]}
+    record = {f"{f}/{a}": {**summary(r, f), "budget": arm_budget(f, a, runs), "seconds": r["seconds"]}
               for (f, a), r in runs.items() if r is not None}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     head = "| arm | " + " | ".join(folds) + " |"

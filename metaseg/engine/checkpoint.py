@@ -379,6 +379,13 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
+def occupied(run_dir: Path, held: str) -> str:
+    """The refusal of a fresh run into ``run_dir``, which ``held`` (:func:`finished_or_started`) already holds."""
+    return (f"{run_dir} already holds {held}; continue it with trainer.resume=auto, start afresh with "
+            f"trainer.overwrite=true (deletes its checkpoints, metrics and tensorboard events), or pick another "
+            f"hydra.run.dir")
+
+
 def claim_run_dir(run_dir: str | os.PathLike, trainer_cfg: Any, stages: Sequence[str] = ()) -> RunLock:
     """Lock ``run_dir`` for this run, refusing a folder that already holds one unless it is resumed.
 
@@ -398,9 +405,7 @@ def claim_run_dir(run_dir: str | os.PathLike, trainer_cfg: Any, stages: Sequence
     try:
         held = None if resumes else finished_or_started(run_dir, stages)
         if held and not overwrite:
-            raise CheckpointError(f"{run_dir} already holds {held}; continue it with trainer.resume=auto, start "
-                                  f"afresh with trainer.overwrite=true (deletes its checkpoints, metrics and "
-                                  f"tensorboard events), or pick another hydra.run.dir")
+            raise CheckpointError(occupied(run_dir, held))
         if held:
             for name in (*RUN_OUTPUTS, *stages):
                 target = run_dir / name
