@@ -129,6 +129,23 @@ def test_adaptation_overrides_and_no_adaptation(heldout):
         evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(shots=[1, 12]), CPU, seed=0)
 
 
+def test_capped_query_is_drawn_from_each_episode(heldout):
+    """eval.max_images: each episode scores its own next images after the support, not the lowest numbers."""
+    learner = make_learner()
+    r = evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(shots=[2], episodes=4, max_images=3, adapt_steps=0),
+                         CPU, seed=0)
+    eps = r["adapted"]["2"]["per_episode"]
+    queries = []
+    for e, ep in enumerate(eps):
+        order = np.random.default_rng([0, __import__("zlib").crc32(b"synth_4"), e]).permutation(12)
+        assert ep["support"] == order[:2].tolist()
+        query = sorted(order[2:5].tolist())  # the next three of the permutation
+        assert ep["miou"] == score(learner.model, heldout, query, 4, CPU, 4, learner.precision)["miou"]
+        queries.append(tuple(query))
+    assert len(set(queries)) == 4  # episodes score different images
+    assert r["adapted"]["2"]["scored"] == 3 and r["scored"] == 3
+
+
 @pytest.mark.parametrize("override,message", [
     ({"shots": "five"}, "eval.shots='five'"),
     ({"shots": [1, 0]}, "eval.shots=[1, 0] must list integers >= 1"),

@@ -6,8 +6,9 @@ For each held-out dataset of n images:
 2. **Episodes.** Episode e draws one permutation of the n images from
    ``numpy.random.default_rng([seed, crc32(dataset name), e])``. For each k of ``eval.shots``
    the support is its first k images (so the 1-shot support of an episode is inside its
-   5-shot support) and the query is the rest after the largest k: every k of an episode is
-   scored on the same images, so columns of a table compare like with like. Every (k,
+   5-shot support) and the query is the rest after the largest k (with ``eval.max_images``,
+   the next that many of the permutation, so episodes score different images): every k of an
+   episode is scored on the same images, so columns of a table compare like with like. Every (k,
    episode) adapts a fresh copy of theta (``MetaLearner.adapt``; theta is never modified),
    with ``eval.adapt_steps`` / ``eval.adapt_lr`` (default: the checkpoint's K and alpha).
 3. **Summary.** For each k, the mean and 95% interval (1.96 s / sqrt(episodes)) of every
@@ -255,6 +256,14 @@ def dataset_transform(dataset: Dataset):
     return None
 
 
+def query_of(order: np.ndarray, largest: int, cap: Optional[int]) -> list[int]:
+    """An episode's query: its permutation after the largest support, the next ``cap`` of them if
+    capped. Taken from the permutation, not the lowest image numbers, so capped episodes score
+    different images and their interval covers the choice of images."""
+    rest = order[largest:]
+    return sorted(rest[:cap].tolist() if cap else rest.tolist())
+
+
 def episode_rng(seed: int, dataset: str, episode: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(dataset.encode()), episode])
 
@@ -297,7 +306,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
 
     zero_indices = list(range(n))[:cap]
     if gallery is not None:
-        shown = sorted(orders[0][largest:].tolist())[:cap] if orders else zero_indices
+        shown = query_of(orders[0], largest, cap) if orders else zero_indices
         gallery.update(indices=shown[: cfg.pictures], zero_shot={}, adapted={}, shots=ks)
     capture = dict.fromkeys(gallery["indices"]) if gallery is not None else None
     zero = score(learner.model, dataset, zero_indices, num_classes, device, cfg.batch_size,
@@ -322,7 +331,7 @@ def evaluate_dataset(learner: MetaLearner, name: str, dataset: Dataset, num_clas
     query_size = min(n - largest, cap or n)
     for e in episode_share(len(orders)):  # under torchrun each process runs every world_size-th episode
         order = orders[e]
-        query = sorted(order[largest:].tolist())[:cap]
+        query = query_of(order, largest, cap)
         for k in ks:
             support = order[:k]
             images, masks = support_batch(dataset, support, cfg, [seed, zlib.crc32(name.encode()), e, k])
@@ -406,7 +415,7 @@ def protocol(cfg: Any, learner: MetaLearner, seed: int) -> dict:
         "adapt_lr": cfg.adapt_lr if cfg.adapt_lr is not None else default_adapt_lr(learner),
         "batch_size": cfg.batch_size, "max_images": cfg.max_images, "window": cfg.window, "stride": cfg.stride,
         "episode_rng": "numpy.random.default_rng([seed, zlib.crc32(dataset), episode]).permutation(n): "
-                       "support = first k, query = the rest after the largest k",
+                       "support = first k, query = the rest after the largest k (the next eval.max_images of them if set)",
         "reductions": "top-level scores: dataset reduction (one confusion matrix over all scored images); "
                       "'image': image reduction (per-image scores averaged)",
         "ci95": "1.96 * sample std / sqrt(episodes)",
