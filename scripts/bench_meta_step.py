@@ -13,7 +13,7 @@ same K:
                  the adapted weights applied to theta): the floor of first order.
   raw_func       MAML hand-written on ``torch.func.functional_call`` and
                  ``autograd.grad(create_graph=True)``, Adam outer step (the peers' fastest
-                 second-order loop in issue 7): the floor of the func backend.
+                 second-order loop among the peers we compared): the floor of the func backend.
   ALGO/BACKEND   the project's own ``MetaLearner.create(ALGO, ..., backend=BACKEND).meta_step``
                  with one task per step (maml, fomaml, anil: ANIL adapts the last decoder
                  block and the head, its default, and reuses the frozen modules' outputs;
@@ -26,8 +26,8 @@ configuration runs one step (round-robin, so load drift hits them all alike); th
 per configuration, as a ratio to plain's median and to the raw higher loop's (first-order
 configurations to raw_higher_fo). Memory: each configuration again in a fresh subprocess
 (``--memory-of``), two steps, peak resident set size (on CPU, the whole process, like the
-peers' table in issue 7: ``VmHWM`` of ``/proc/self/status``, else ``getrusage`` maxrss) or ``torch.cuda.max_memory_allocated``
-(CUDA); ratio to plain's. Below the table, the issue's targets with the measured value.
+peers' tables: ``VmHWM`` of ``/proc/self/status``, else ``getrusage`` maxrss) or ``torch.cuda.max_memory_allocated``
+(CUDA); ratio to plain's. Below the table, the step-cost targets with the measured value.
 
 ``--grid`` prints the cost-growth table instead: for every image size of ``--grid-sizes``
 and K of ``--grid-k``, plain and every ALGO/BACKEND (one warm-up step, REPS timed steps,
@@ -44,7 +44,7 @@ loader (``data=binary_mix``, images under ``--data-root``, augmentation on) agai
 same step on the same tasks preloaded as tensors, interleaved; it prints the fraction the
 loader adds and the time ``TaskSampler.sample`` takes alone.
 
-    # issue 7's setting (2 threads, Unet-resnet18 at full depth, 128 px, 4+4, K=5)
+    # the step-cost setting (2 threads, Unet-resnet18 at full depth, 128 px, 4+4, K=5)
     python scripts/bench_meta_step.py --threads 2 --size 128 --inner-steps 5 --reps 10
     python scripts/bench_meta_step.py --grid --threads 2 --backends func --reps 1
     python scripts/bench_meta_step.py --data-path --threads 2 --size 128 --reps 8
@@ -212,7 +212,7 @@ def raw_higher_step(model, task: Task, a, precision: Precision, first_order: boo
 
 
 def raw_func_step(model, task: Task, a, precision: Precision) -> Callable[[], None]:
-    """Second-order MAML in a dozen lines of torch.func: the reference loop of issue 7's peers."""
+    """Second-order MAML in a dozen lines of torch.func: the peers' reference loop."""
     from torch.func import functional_call
 
     outer = torch.optim.Adam(model.parameters(), lr=a.outer_lr)
@@ -399,7 +399,7 @@ def ratio(x: Optional[float], base: Optional[float]) -> str:
 
 
 def targets(rows: dict) -> list[str]:
-    """Issue 7's targets, each with the measured value (ratios measured in this run)."""
+    """The step-cost targets, each with the measured value (ratios measured in this run)."""
     def t(name):
         return rows.get(name, {}).get("seconds")
 
@@ -465,7 +465,7 @@ def run_compare(a: argparse.Namespace, argv: list[str]) -> dict:
               f"{ratio(r['seconds'], floor)} | - | - |")
     lines = targets(rows)
     if lines:
-        print("\nTargets (issue 7):")
+        print("\nTargets (the step-cost goals):")
         print("\n".join(lines))
     return {"mode": "compare", "rows": list(rows.values())}
 

@@ -1,4 +1,4 @@
-"""Compare the arms of issue 10 fairly on the generated mix: equal budgets, adaptation tuned on validation tasks.
+"""Compare the algorithms fairly on the generated mix: equal budgets, adaptation tuned on validation tasks.
 
 Arms, each a ``metaseg-train`` run in ``--out/ARM`` followed by ``metaseg-eval`` of its
 ``best.pt`` (selected on validation tasks) in ``--out/ARM/eval``:

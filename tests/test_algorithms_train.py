@@ -141,7 +141,7 @@ def test_diverging_inner_loop_stops_the_run_with_advice(tiny_cfg, tmp_path):
     (["meta.outer_lr_schedule=linear"], "meta.outer_lr_schedule='linear'"),
     (["meta.query_from=elsewhere"], "meta.query_from='elsewhere'"),
     (["meta.clip_grad=0"], "meta.clip_grad=0"),
-    (["meta=mldg", "meta.inner_steps=0"], "MLDG needs at least one inner step"),
+    (["meta=mldg", "meta.inner_steps=0"], "meta.algorithm=mldg needs at least 1 inner step"),
     (["meta=anil", "meta.inner_params=[decoder.head]"], "meta.inner_params: 'decoder.head' matches no module"),
     (["meta.query_from=other", "data.train=[synth_0]"], "meta.query_from=other needs at least two"),
 ])

@@ -52,7 +52,7 @@ def test_bench_prints_a_ratio_row_for_every_algorithm_and_backend(tmp_path):
         assert float(vs_raw) == pytest.approx(s / floor, abs=0.006)
         assert peak == "-" and mem == "-"  # --no-memory
     assert rows["plain"][3] == "1.00" and rows["raw_higher"][4] == "1.00"
-    assert "# command: python scripts/bench_meta_step.py" in stdout and "Targets (issue 7):" in stdout
+    assert "# command: python scripts/bench_meta_step.py" in stdout and "Targets (the step-cost goals):" in stdout
 
 
 def test_bench_memory_of_one_configuration_is_its_own_process_peak():

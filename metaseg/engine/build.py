@@ -24,9 +24,6 @@ from metaseg.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 GRANULARITIES = ("tensor", "element")
 QUERY_FROM = ("same", "other")
-# algorithms whose outer step has no gradient through the inner loop to learn from (iMAML's is implicit)
-NO_META_GRADIENT = ("reptile", "erm", "imaml")
-FIRST_ORDER_ONLY = ("fomaml", "reptile", "erm")
 
 
 def validate_meta(m: Any) -> None:
@@ -48,25 +45,29 @@ def validate_meta(m: Any) -> None:
         raise ConfigError(f"meta.outer_lr_min={m.outer_lr_min} must lie in [0, meta.outer_lr={m.outer_lr}]")
     if m.gamma < 0:
         raise ConfigError(f"meta.gamma={m.gamma} must be >= 0")
-    name = m.algorithm
-    if name in NO_META_GRADIENT:
+    name, algo = m.algorithm, ALGORITHMS[m.algorithm]  # each algorithm declares its facts (metaseg.meta.maml)
+    if not algo.has_meta_gradient:
+        with_gradient = [n for n, a in ALGORITHMS.items() if a.has_meta_gradient]
         for key, on in (("multi_step_loss", m.multi_step_loss), ("learn_inner_lr", m.learn_inner_lr),
                         ("first_order_until", m.first_order_until > 0)):
             if on:
                 raise ConfigError(f"meta.{key} needs a meta-gradient through the inner loop, which "
-                                  f"meta.algorithm={name} does not have; use maml, fomaml, anil, metasgd or mldg")
-    if m.first_order_until > 0 and (m.first_order or name in FIRST_ORDER_ONLY):
+                                  f"meta.algorithm={name} does not have; use {', '.join(with_gradient)}")
+    first_order = m.first_order or algo.first_order_only
+    if m.first_order_until > 0 and first_order:
         raise ConfigError(f"meta.first_order_until={m.first_order_until} anneals first to second order, but "
                           f"meta.algorithm={name} (first_order={m.first_order}) is first order throughout")
-    if m.inner_lr_per_step and not (m.learn_inner_lr or name == "metasgd"):
+    if m.inner_lr_per_step and not (m.learn_inner_lr or algo.learns_step_sizes):
+        learners = [n for n, a in ALGORITHMS.items() if a.learns_step_sizes]
         raise ConfigError("meta.inner_lr_per_step=true needs learned step sizes: set meta.learn_inner_lr=true "
-                          "(or meta=metasgd)")
-    if m.checkpoint_inner and (m.first_order or name in FIRST_ORDER_ONLY or name == "mldg"):
+                          f"(or meta={' / meta='.join(learners)})")
+    if m.checkpoint_inner and (first_order or algo.keeps_support_graph):
         raise ConfigError(f"meta.checkpoint_inner=true saves memory of second-order inner steps, which "
                           f"meta.algorithm={name} (first_order={m.first_order}) does not take (MLDG keeps its first "
                           f"support graph); set meta.checkpoint_inner=false")
-    if name == "mldg" and m.inner_steps < 1:
-        raise ConfigError("meta.inner_steps=0: MLDG needs at least one inner step (its D_i loss is the first)")
+    if m.inner_steps < algo.min_inner_steps:
+        raise ConfigError(f"meta.inner_steps={m.inner_steps}: meta.algorithm={name} needs at least "
+                          f"{algo.min_inner_steps} inner step (its D_i loss is the first)")
 
 
 def loss_fn(m: Any):
@@ -94,18 +95,13 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
         outer=OuterSettings(lr=m.outer_lr, meta_batch=m.meta_batch, schedule=m.outer_lr_schedule,
                             lr_min=m.outer_lr_min, max_steps=max_steps, clip_grad=m.clip_grad))
     per_element, per_step = m.inner_lr_granularity == "element", bool(m.inner_lr_per_step)
-    if m.algorithm == "metasgd":
-        kwargs.update(per_element=per_element, per_step=per_step)
-    if m.algorithm == "mldg":
-        kwargs["gamma"] = m.gamma
-    if m.algorithm == "imaml":
-        kwargs.update(lam=m.imaml_lambda, cg_steps=m.cg_steps, cg_damping=m.cg_damping)
-    learner = ALGORITHMS[m.algorithm](model, **kwargs)
+    algo = ALGORITHMS[m.algorithm]
+    learner = algo(model, **kwargs, **algo.options(m))
     if m.learn_inner_lr and learner.step_sizes is None:  # MAML++ LSLR on maml / anil / mldg / fomaml
         params = dict(model.named_parameters())
         learner.step_sizes = StepSizes({n: params[n] for n in learner.inner_names}, m.inner_lr,
                                        per_element=per_element, steps=max(m.inner_steps, 1) if per_step else 1)
-    if model_cfg is not None and m.algorithm not in FIRST_ORDER_ONLY and not m.first_order:
+    if model_cfg is not None and not algo.first_order_only and not m.first_order:
         _check_second_order(learner, m, model_cfg)
     return learner
 

@@ -28,6 +28,8 @@ from metaseg.meta.maml import Batch, MetaLearner
 
 class ERM(MetaLearner):
     name = "erm"
+    has_meta_gradient = False
+    first_order_only = True
 
     def __init__(self, model, **kwargs):
         kwargs["first_order"] = True  # no gradient through any inner loop, by construction

@@ -18,6 +18,7 @@ class FOMAML(MetaLearner):
     """MAML with ``first_order=True`` always."""
 
     name = "fomaml"
+    first_order_only = True
 
     def __init__(self, model: nn.Module, **kwargs):
         kwargs["first_order"] = True

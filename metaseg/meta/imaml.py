@@ -117,6 +117,11 @@ class IMAML(MetaLearner):
     """Implicit MAML: K proximal SGD steps without a graph, then the implicit meta-gradient by CG."""
 
     name = "imaml"
+    has_meta_gradient = False  # implicit: the gradient of the proximal solution, not through the steps
+
+    @classmethod
+    def options(cls, m) -> dict:
+        return {"lam": m.imaml_lambda, "cg_steps": m.cg_steps, "cg_damping": m.cg_damping}
 
     def __init__(self, model: nn.Module, *, lam: float = 2.0, cg_steps: int = 5, cg_damping: float = 0.0,
                  **kwargs):

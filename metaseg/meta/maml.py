@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,16 @@ class MetaLearner(Algorithm):
     name = "maml"
     default_inner_params: Optional[Sequence[str]] = None  # None: every trainable parameter
     keeps_support_graph = False  # MLDG backpropagates the first support loss as well
+    # Facts the config checks read (metaseg.engine.build), declared by each algorithm:
+    has_meta_gradient = True  # an outer gradient flows through the inner steps (multi-step loss, learned rates)
+    first_order_only = False  # never differentiates through the inner loop (no second-order probe, no checkpointing)
+    learns_step_sizes = False  # its own learned inner rates (Meta-SGD), so meta.inner_lr_per_step applies
+    min_inner_steps = 0  # fewer inner steps than this leave the algorithm without its objective
+
+    @classmethod
+    def options(cls, m: Any) -> dict:
+        """The algorithm's own constructor keywords from a ``MetaConfig`` (none for MAML)."""
+        return {}
 
     def __init__(
         self,

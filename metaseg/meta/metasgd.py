@@ -64,6 +64,11 @@ class MetaSGD(MetaLearner):
     """MAML whose inner step sizes are meta-learned (per tensor or per element)."""
 
     name = "metasgd"
+    learns_step_sizes = True
+
+    @classmethod
+    def options(cls, m) -> dict:
+        return {"per_element": m.inner_lr_granularity == "element", "per_step": bool(m.inner_lr_per_step)}
 
     def __init__(self, model: nn.Module, *, per_element: bool = False, per_step: bool = False,
                  step_sizes: Optional[StepSizes] = None, **kwargs):

@@ -21,6 +21,11 @@ from metaseg.meta.maml import MetaLearner
 class MLDG(MetaLearner):
     name = "mldg"
     keeps_support_graph = True
+    min_inner_steps = 1  # its D_i loss is the first inner step's support loss
+
+    @classmethod
+    def options(cls, m) -> dict:
+        return {"gamma": m.gamma}
 
     def __init__(self, model: nn.Module, *, gamma: float = 1.0, **kwargs):
         super().__init__(model, **kwargs)

@@ -22,6 +22,8 @@ from metaseg.meta.maml import Batch, MetaLearner
 
 class Reptile(MetaLearner):
     name = "reptile"
+    has_meta_gradient = False  # theta moves towards phi; nothing is differentiated through the inner loop
+    first_order_only = True
 
     def __init__(self, model, **kwargs):
         kwargs["first_order"] = True  # no gradient through any inner loop, by construction
