@@ -128,7 +128,7 @@ class MetaConfig:
     query: int = 4  # query images per task
     first_order: bool = False  # true: FOMAML (no gradient through the inner loop)
     loss: str = "ce"  # ce: pixel cross-entropy | ce_dice: plus soft Dice of the non-background classes (thin, rare structures)
-    # The algorithm zoo (README "Algorithms"); defaults leave plain MAML unchanged.
+    # The algorithm zoo (docs/algorithms.md); defaults leave plain MAML unchanged.
     inner_params: List[str] = field(default_factory=list)  # module patterns adapted in the inner loop (ANIL); []: all
     learn_inner_lr: bool = False  # Meta-SGD / MAML++: meta-learn the inner step sizes, starting at alpha
     inner_lr_granularity: str = "tensor"  # learned step sizes: one per parameter tensor | element
@@ -178,7 +178,16 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """The held-out protocol: zero-shot, then few-shot adaptation, scored on the rest."""
+    """The held-out protocol: zero-shot, then few-shot adaptation, scored on the rest.
+
+    ``baseline`` (default true): the final evaluation also scores the same model at a seeded
+    random initialisation (``metaseg-eval checkpoint=none``'s model) on the same episodes with
+    the same adaptation, recorded under ``"baseline"`` in ``eval.json`` / ``metrics.json`` and
+    set beside the trained scores in the summary a run ends with and in ``eval.md``
+    (``metaseg/engine/baseline.py``). It costs one more held-out evaluation; false turns it off
+    (experiments whose study has its own ``scratch`` arm do). Evaluations during training,
+    validation tasks and ``checkpoint=none`` itself never run it.
+    """
 
     # k labelled images to adapt on: an int (5) or a list ([1, 5, 10]; the first k also fills
     # the top-level "adapted" scores). Any: OmegaConf has no int-or-list type; checked in code.
@@ -205,6 +214,8 @@ class EvalConfig:
     tune_episodes: Optional[int] = None  # episodes per validation dataset per grid point; null: val_episodes
     tune_metric: str = "miou"  # what tuning maximises: miou | mf1 | fg_dice | fg_iou (binary label spaces)
     tune_datasets: Optional[List[str]] = None  # validation datasets whose mean score tuning maximises; null: all
+    # the final evaluation's random-init baseline (see the docstring): "baseline" in eval.json/metrics.json
+    baseline: bool = True
 
 
 @dataclass

@@ -112,9 +112,10 @@ class Settings:
         return lrs, ks
 
     def eval_overrides(self) -> list[str]:
+        """The shared evaluation of every arm; no random-init baseline inside runs (the scratch arm is it)."""
         lrs, ks = self.grid()
         return [f"eval.shots={self.shots}", f"eval.episodes={self.episodes}", f"eval.val_episodes={self.val_episodes}",
-                "eval.pictures=0", "eval.tune=true", f"eval.tune_lrs=[{','.join(map(_fmt, lrs))}]",
+                "eval.pictures=0", "eval.baseline=false", "eval.tune=true", f"eval.tune_lrs=[{','.join(map(_fmt, lrs))}]",
                 f"eval.tune_steps=[{','.join(map(str, ks))}]", f"eval.tune_episodes={self.tune_episodes}",
                 f"seed={self.seed}"]
 

@@ -2,14 +2,16 @@
 
 Four folds (``--folds``): each retina site held out in turn (trained on the other two sites
 plus polyps, lesions and membranes), and the polyps held out (trained on vessels, lesions and
-membranes). Per fold, six arms, all on one network, one data mix and one evaluation protocol
+membranes). Per fold, seven arms, all on one network, one data mix and one evaluation protocol
 (``experiment=converged``: adaptation step size chosen on validation tasks of the training
 sets, the held-out set scored whole at native resolution, seeded episodes, the adaptation
 curve over ``eval.shots`` x ``eval.curve_steps``):
 
 * ``erm``: joint training with the converged recipe (``experiment=converged meta=erm``);
-* ``fomaml``, ``anil``, ``maml``: a meta stage from erm's ``best.pt`` (``experiment=converged_meta
-  meta=ARM meta.init_from=...``), the same outer steps, tasks and images for each;
+* ``fomaml``, ``anil``, ``maml``, ``imaml``: a meta stage from erm's ``best.pt``
+  (``experiment=converged_meta meta=ARM meta.init_from=...``), the same outer steps, tasks and
+  images for each (iMAML's conjugate-gradient Hessian-vector products are counted as support
+  backward passes by the budget);
 * ``erm_more``: erm continued from the same checkpoint for the same meta-stage steps, tasks and
   images (``experiment=converged_meta meta=erm``): every two-stage arm's twin at equal images;
 * ``scratch``: a random initialisation of the same network, adapted only (``metaseg-eval
@@ -38,8 +40,8 @@ from pathlib import Path
 from typing import Optional
 
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
-ARMS = ["erm", "fomaml", "anil", "maml", "erm_more", "scratch"]
-STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "erm_more": "erm"}  # arm -> meta stage algorithm
+ARMS = ["erm", "fomaml", "anil", "maml", "imaml", "erm_more", "scratch"]
+STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "imaml": "imaml", "erm_more": "erm"}  # arm -> meta stage algorithm
 BASE = "erm"  # the run every staged arm starts from
 ZERO_SHOT = "zero_shot"  # OUT/FOLD/erm/zero_shot: erm scored on every held-out image, no adaptation
 
@@ -82,7 +84,7 @@ def zero_shot_command(fold: str, run: Path, args) -> list[str]:
             f"data_root={args.data_root}", f"hydra.run.dir={run / ZERO_SHOT}", f"seed={args.seed}",
             *[o for o in args.set if o.startswith("eval.")], "eval.episodes=0", "eval.shots=0", "eval.curve_steps=[]",
             "eval.tune=false", "eval.max_images=null", "eval.mode=slide", "eval.stride=null",  # null: half the window
-            "eval.batch_size=64", "eval.pictures=4"]
+            "eval.batch_size=64", "eval.pictures=4", "eval.baseline=false"]  # the scratch arm is the baseline
 
 
 def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> list[str]:
@@ -190,7 +192,29 @@ def summary(run: dict, fold: str) -> dict:
         out["zero_shot_all"] = {"fg_dice": z["zero_shot"]["fg_dice"], "images": z["scored"]}
     for k in (k for k in d.get("adapted", {}) if k.isdigit()):
         out["shots"][k] = {key: d["adapted"][k]["fg_dice"][key] for key in ("mean", "ci95")}
+        out["shots"][k]["per_episode"] = [ep["fg_dice"] for ep in d["adapted"][k]["per_episode"]]
     return out
+
+
+def paired(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+    """Mean and 95% CI of a - b episode by episode. Every arm draws the same seeded episodes
+    (supports and queries), so the difference removes the episodes' own spread, which an
+    unpaired comparison of two intervals would count twice. None without per-episode values."""
+    from metaseg.metrics import mean_ci95
+
+    x, y = (a or {}).get("per_episode"), (b or {}).get("per_episode")
+    if not x or not y or len(x) != len(y):
+        return None
+    m = mean_ci95([u - v for u, v in zip(x, y)])
+    return {"mean": m["mean"], "ci95": m["ci95"]}
+
+
+def diff_cell(d: Optional[dict]) -> str:
+    """A paired difference, bold where the interval excludes 0."""
+    if d is None:
+        return "–"
+    text = f"{d['mean']:+.3f} ± {d['ci95']:.3f}"
+    return f"**{text}**" if abs(d["mean"]) > d["ci95"] else text
 
 
 def cell(stats: Optional[dict]) -> str:
@@ -221,10 +245,25 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
               head, rule]
     lines += [f"| {a} | " + " | ".join(f"{record[f'{f}/{a}']['zero_shot']:.3f}" if f"{f}/{a}" in record else "–"
                                        for f in folds) + " |" for a in arms]
-    for steps in ("1", "10"):
-        lines += ["", f"### {k}-shot Dice after {steps} adaptation step(s) (adaptation curve)", "", head, rule]
+    for steps in ("0", "1", "10"):
+        lines += ["", f"### {k}-shot Dice after {steps} adaptation step(s) (adaptation curve"
+                  + ("; 0: the same queries unadapted)" if steps == "0" else ")"), "", head, rule]
         lines += [f"| {a} | " + " | ".join(cell(curve_at(record.get(f"{f}/{a}") or {}, k, steps))
                                            for f in folds) + " |" for a in arms]
+    lines += ["", f"### Gain of adaptation: {k}-shot at the tuned steps minus the same queries unadapted "
+              "(paired over episodes; bold: the interval excludes 0)", "", head, rule]
+    lines += [f"| {a} | " + " | ".join(
+        diff_cell(paired((r := record.get(f"{f}/{a}") or {}).get("shots", {}).get(k), curve_at(r, k, "0")))
+        for f in folds) + " |" for a in arms]
+    for steps in ("tuned", "1", "10"):
+        where = "at each arm's tuned steps" if steps == "tuned" else f"after {steps} adaptation step(s)"
+        lines += ["", f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, {where} "
+                  "(paired; bold: the interval excludes 0)", "", head, rule]
+        for a in (a for a in arms if a != BASE):
+            def at(f, arm):
+                r = record.get(f"{f}/{arm}") or {}
+                return r.get("shots", {}).get(k) if steps == "tuned" else curve_at(r, k, steps)
+            lines.append(f"| {a} | " + " | ".join(diff_cell(paired(at(f, a), at(f, BASE))) for f in folds) + " |")
     lines += ["", "### Budget (staged arms include their erm run) and chosen adaptation", "",
               "| fold | arm | outer steps | forward images | train s | run s | tuned α, steps |",
               "|---|---|---|---|---|---|---|"]

@@ -12,9 +12,23 @@ import metaseg.config  # noqa: F401 - registers schemas
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ["experiment=smoke"]
+# The random-init baseline (eval.baseline, on for users) doubles a run's final evaluation; tests pay
+# for it only where they test it: they pass eval.baseline=true (or run_cli(..., baseline=True)).
+NO_BASELINE = "eval.baseline=false"
+
+
+def without_baseline(overrides) -> list[str]:
+    """``overrides`` with ``eval.baseline=false`` unless they set ``eval.baseline`` themselves."""
+    overrides = list(overrides)
+    if any(o.lstrip("+~").startswith("eval.baseline=") for o in overrides):
+        return overrides
+    return [*overrides, NO_BASELINE]
 
 
 def compose_cfg(name: str = "train", overrides=()):
+    """``conf/NAME.yaml`` with ``overrides`` as the commands compose it, without the baseline (above)."""
+    if name in ("train", "eval"):
+        overrides = without_baseline(overrides)
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
 
@@ -24,8 +38,11 @@ def tiny_cfg():
     return lambda *overrides: compose_cfg("train", [*TINY, "trainer.device=cpu", *overrides])
 
 
-def run_cli(prog: str, *args: str, cwd, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """Run an installed console script from ``cwd`` (not the repo), as a user would."""
+def run_cli(prog: str, *args: str, cwd, timeout=600, env=None, baseline=False) -> subprocess.CompletedProcess:
+    """Run an installed console script from ``cwd`` (not the repo), as a user would; ``metaseg-train``
+    and ``metaseg-eval`` without the random-init baseline unless ``baseline`` (then ``args`` as given)."""
+    if prog in ("metaseg-train", "metaseg-eval") and not baseline:
+        args = tuple(without_baseline(args))
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([str(BIN / prog), *args], cwd=cwd, capture_output=True, text=True,

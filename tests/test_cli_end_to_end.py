@@ -18,8 +18,9 @@ CONTRACT = ["meta.inner_lr=0.05", "meta.outer_lr=0.001", "meta.inner_steps=3", "
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     run_dir = root / "D"
-    out = run_cli("metaseg-train", *CONTRACT, f"hydra.run.dir={run_dir}", cwd=root)
+    out = run_cli("metaseg-train", *CONTRACT, f"hydra.run.dir={run_dir}", cwd=root, baseline=True)  # as typed
     assert out.returncode == 0, out.stderr[-3000:]
+    (root / "console.txt").write_text(out.stdout + out.stderr)
     return root, run_dir
 
 
@@ -35,6 +36,21 @@ def test_train_writes_checkpoint_metrics_and_tensorboard(trained):
         res = metrics["datasets"][name]
         assert 0 <= res["zero_shot"]["miou"] <= 1
         assert 0 <= res["adapted"]["miou"]["mean"] <= 1
+
+
+def test_train_ends_with_the_summary_beside_the_random_init_baseline(trained):
+    root, d = trained
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert set(metrics["baseline"]["datasets"]) == {"synth_4", "synth_5"}  # eval.baseline: on by default
+    console = (root / "console.txt").read_text()
+    summary = console[console.index("==== summary ===="):]
+    for name in ("synth_4", "synth_5"):
+        a = metrics["datasets"][name]["adapted"]["5"]["miou"]
+        b = metrics["baseline"]["datasets"][name]["adapted"]["5"]["miou"]
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {name} | 5-shot"))
+        assert f"{100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}" in row
+        assert f"{100 * (a['mean'] - b['mean']):+.1f}" in row
+    assert "tensorboard --logdir D  (" in summary and "metaseg-eval checkpoint=D/checkpoints/" in summary  # from cwd
 
 
 def test_checkpoint_is_plain_data(trained):

@@ -15,6 +15,7 @@ from metaseg.engine.evaluate import support_batch
 from metaseg.engine.trainer import train
 from metaseg.utils.errors import ConfigError
 from tests.data_fixtures import SHARED_DATA, folder_dataset
+from tests.conftest import NO_BASELINE
 
 
 def stripes(h: int, w: int) -> np.ndarray:
@@ -39,7 +40,7 @@ def cfg_for(root, *extra):
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         return compose("train", ["data=binary_patches", f"data.root={root}", "data.size=16",
                                  f"data.heldout=[{NAMES['c']}]", f"data.train=[{NAMES['a']},{NAMES['b']}]",
-                                 *extra])
+                                 NO_BASELINE, *extra])
 
 
 def test_patches_keep_original_pixels(root):

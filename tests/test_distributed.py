@@ -237,4 +237,6 @@ def test_torchrun_command_line(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "timing.json").read_text())["processes"] == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["baseline"]["datasets"].keys() == metrics["datasets"].keys()  # as typed: with the baseline
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

@@ -121,11 +121,13 @@ def test_curve_equals_the_protocol_at_each_step_count_and_zero_shot_at_zero(held
         alone = evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(episodes=3, adapt_steps=steps), CPU, seed=0)
         for k in ("1", "2"):
             want = alone["adapted"][k]["miou"]
-            assert curve["shots"][k][str(steps)] == {"mean": want["mean"], "ci95": want["ci95"]}
+            episodes = [ep["miou"] for ep in alone["adapted"][k]["per_episode"]]
+            assert curve["shots"][k][str(steps)] == {"mean": want["mean"], "ci95": want["ci95"], "per_episode": episodes}
     # (b) S=0 is theta scored on each episode's query images (not the zero-shot images: all 12 here)
     queries = [sorted(set(range(12)) - set(ep["support"])) for ep in with_curve["adapted"]["2"]["per_episode"]]
-    zero = mean_and_ci([score(learner.model, heldout, q, 4, CPU, 4, learner.precision)["miou"] for q in queries])
-    assert curve["shots"]["1"]["0"] == curve["shots"]["2"]["0"] == zero
+    unadapted = [score(learner.model, heldout, q, 4, CPU, 4, learner.precision)["miou"] for q in queries]
+    zero = {**mean_and_ci(unadapted), "per_episode": unadapted}
+    assert curve["shots"]["1"]["0"] == curve["shots"]["2"]["0"] == zero  # episode by episode
     assert zero["mean"] != with_curve["zero_shot"]["miou"]  # a different image set, so a different number
     # the protocol's table (K=2 steps, not on the curve) is what a run without a curve gives
     plain = evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(episodes=3), CPU, seed=0)
@@ -169,7 +171,8 @@ def test_binary_curve_reports_foreground_dice():
     res = result["datasets"]["vessels"]
     assert res["curve"]["metric"] == "fg_dice"
     want = res["adapted"]["1"]["fg_dice"]  # eval.adapt_steps = K = 2 is on the curve
-    assert res["curve"]["shots"]["1"]["2"] == {"mean": want["mean"], "ci95": want["ci95"]}
+    episodes = [ep["fg_dice"] for ep in res["adapted"]["1"]["per_episode"]]
+    assert res["curve"]["shots"]["1"]["2"] == {"mean": want["mean"], "ci95": want["ci95"], "per_episode": episodes}
     assert result["protocol"]["curve_steps"] == [0, 2]
 
 
@@ -195,9 +198,10 @@ def test_eval_json_md_and_png(tmp_path):
         for k, by_steps in curve["shots"].items():
             assert list(by_steps) == ["0", "1", "2"]
             for cell in by_steps.values():
-                assert set(cell) == {"mean", "ci95"} and 0 <= cell["mean"] <= 1 and cell["ci95"] >= 0
+                assert set(cell) == {"mean", "ci95", "per_episode"} and 0 <= cell["mean"] <= 1 and cell["ci95"] >= 0
             want = res["adapted"][k]["miou"]  # eval.adapt_steps = meta.inner_steps = 1
-            assert by_steps["1"] == {"mean": want["mean"], "ci95": want["ci95"]}
+            episodes = [ep["miou"] for ep in res["adapted"][k]["per_episode"]]  # paired with the table's episodes
+            assert by_steps["1"] == {"mean": want["mean"], "ci95": want["ci95"], "per_episode": episodes}
     md = (tmp_path / "eval.md").read_text()
     assert "## Adaptation curve (%), dataset reduction" in md and "### synth_5: mIoU" in md
     assert md.count("| k | 0 steps | 1 step | 2 steps |") == 2

@@ -30,7 +30,8 @@ ADAPT = ["adapt.steps=40", "adapt.lr=0.3"]
 def lodo_checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("lodo")
     cfg = compose_cfg("train", [
-        "data=retina_lodo", f"data.root={SHARED_DATA}", "data.max_images=6", f"data.size={PATCH}", "data.workers=2",
+        "data=retina_lodo", f"data.root={SHARED_DATA}", "data.max_images=6", "data.val_fraction=0.2",  # 5 training images
+        f"data.size={PATCH}", "data.workers=2",
         "meta.shots=2", "meta.query=2", "meta.inner_steps=1", "meta.meta_batch=2", "trainer.max_steps=2",
         "trainer.eval_every=0", "trainer.device=cpu", "eval.episodes=0", "trainer.best_metric=mean.zero_shot_miou",
         "model.extra.decoder_channels=[16,8,8]"])

@@ -48,8 +48,9 @@ def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
     results = json.loads((out / "results.json").read_text())
     erm = json.loads((fold / "erm" / "metrics.json").read_text())["datasets"]["retina_chasedb1"]
     # the table's numbers are the run's own dataset-level Dice, and its curve
-    assert results["retina_chasedb1/erm"]["shots"]["2"] == {k: erm["adapted"]["2"]["fg_dice"][k]
-                                                            for k in ("mean", "ci95")}
+    episodes = [ep["fg_dice"] for ep in erm["adapted"]["2"]["per_episode"]]
+    assert results["retina_chasedb1/erm"]["shots"]["2"] == {**{k: erm["adapted"]["2"]["fg_dice"][k]
+                                                               for k in ("mean", "ci95")}, "per_episode": episodes}
     assert results["retina_chasedb1/erm"]["curve"] == erm["curve"]
     # a staged arm's budget adds its erm run's: 2 + 1 outer steps; the twin processed the same images
     assert results["retina_chasedb1/erm"]["budget"]["outer_steps"] == 2
@@ -62,6 +63,19 @@ def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
     assert results["retina_chasedb1/erm"]["zero_shot_all"] == {"fg_dice": zero["zero_shot"]["fg_dice"], "images": 8}
     table = (out / "results.md").read_text()
     assert f"{erm['adapted']['2']['fg_dice']['mean']:.3f}" in table and "| scratch |" in table
+    # paired against erm, episode by episode (the same seeded episodes for every arm), recomputed here
+    fo = json.loads((fold / "fomaml" / "metrics.json").read_text())["datasets"]["retina_chasedb1"]
+    assert [ep["support"] for ep in fo["adapted"]["2"]["per_episode"]] == [
+        ep["support"] for ep in erm["adapted"]["2"]["per_episode"]]
+    diffs = [a["fg_dice"] - b["fg_dice"] for a, b in zip(fo["adapted"]["2"]["per_episode"],
+                                                       erm["adapted"]["2"]["per_episode"])]
+    mean = sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    against = table.split("### Against erm")[1]  # the first: at each arm's tuned steps
+    row = next(line for line in against.splitlines() if line.startswith("| fomaml |"))
+    assert f"{mean:+.3f} ± {1.96 * sd / len(diffs) ** 0.5:.3f}" in row
+    gain = table.split("### Gain of adaptation")[1]
+    assert "| erm | " in gain and "| erm | – |" not in gain  # the curve's unadapted point pairs with the table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (fold / "erm" / "metrics.json").stat().st_mtime_ns

@@ -20,9 +20,11 @@ from torch import nn
 
 from metaseg.config import MetaConfig, TrainConfig
 from metaseg.data.mix import build_mix, normalisation
+from metaseg.engine import summary
+from metaseg.engine.baseline import evaluate_baseline, random_init
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.eval_report import write_reports
+from metaseg.engine.eval_report import CURVE_PNG, write_reports
 from metaseg.engine.evaluate import evaluate_heldout, validate_eval
 from metaseg.engine.heads import NewHeadLearner, load_body
 from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
@@ -151,7 +153,7 @@ def _random_init(cfg: Any):
     """The ``checkpoint=none`` baseline: the ``model`` group at random init on ``data``'s label space."""
     check_baseline(cfg.data, cfg.model)
     mix = heldout_mix(cfg.data)
-    model = build_model(cfg.model, mix.num_classes)
+    model = random_init(cfg.model, mix.num_classes, cfg.seed)  # the model a checkpoint's baseline draws too
     return (model, cfg.model, baseline_meta(cfg), mix, None,
             {"kind": "random", "checkpoint_classes": None, "init": None}, None, cfg.data)
 
@@ -191,6 +193,10 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     result = dict(result)
     if tuning is not None:
         result["tune"] = tuning
+    if cfg.eval.baseline and not baseline:  # the same episodes and adaptation from a random init of the model
+        result[summary.KEY] = evaluate_baseline(
+            lambda m: adaptation_learner(m, meta_cfg, Precision(cfg.precision, device.type), head), model_cfg,
+            mix.heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
     result["seconds"] = seconds  # wall time per dataset (not reproducible, unlike everything else)
     result["head"] = head
     result["checkpoint"] = NO_CHECKPOINT if baseline else str(cfg.checkpoint)
@@ -204,4 +210,21 @@ def evaluate_checkpoint(cfg: Any, run_dir) -> dict:
     result["pictures"] = write_reports(result, pictures, run_dir)
     write_json(run_dir / "eval.json", result)
     log.info("wrote %s, eval.md, eval.csv and %d picture(s)", run_dir / "eval.json", len(pictures))
+    reason = ("checkpoint=none: the model is the random init itself, so there is no baseline to set beside it."
+              if baseline else None if cfg.eval.baseline else
+              "eval.baseline=false: no random-init baseline beside these scores.")
+    log.info("%s", summary.render(result, where_next(run_dir, result), model=summary.RANDOM if baseline else "trained",
+                                  reason=reason))
     return result
+
+
+def where_next(run_dir: Path, result: dict) -> list[tuple[str, str]]:
+    """The summary's pointers: the run folder and its reports, the pictures."""
+    folder = summary.shown_path(run_dir)
+    out = [("run folder", f"{folder}  (eval.json, eval.csv, .hydra/config.yaml)"),
+           ("tables", f"{summary.shown_path(run_dir / 'eval.md')}  (every metric, both reductions, per class)")]
+    if result.get("pictures"):
+        out.append(("pictures", "  ".join(summary.shown_path(run_dir / p) for p in result["pictures"].values())))
+    if (run_dir / CURVE_PNG).is_file():
+        out.append(("curve", summary.shown_path(run_dir / CURVE_PNG)))
+    return out

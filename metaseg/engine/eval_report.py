@@ -1,7 +1,9 @@
 """What a researcher reads and publishes from an evaluation: ``eval.md``, ``eval.csv`` and PNG grids.
 
 * ``eval.md``: Markdown tables to paste, datasets x {zero-shot, k-shot}, in percent, k-shot
-  cells as mean +- 95% CI over episodes; one table per metric and reduction, then per-class IoU.
+  cells as mean +- 95% CI over episodes; with the random-init baseline (``eval.baseline``) first
+  the summary's comparison (``metaseg.engine.summary``), then one table per metric and
+  reduction, then per-class IoU.
 * ``eval.csv``: the same numbers in long form (one row per dataset, setting, k, reduction,
   metric and class), for pandas or a spreadsheet; fractions, not percent.
 * ``pictures/<dataset>.png``: a few query images of episode 0, one row each:
@@ -27,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from metaseg.engine import summary
 from metaseg.engine.predict import full_resolution_sample
 from metaseg.meta.maml import IGNORE_INDEX
 from metaseg.metrics import segmentation_scores
@@ -258,6 +261,8 @@ def markdown_report(result: dict) -> str:
                "(1.96 s/√episodes) over episodes, each adapting on k images and scoring the rest.")
     out.append("- dataset reduction: one confusion matrix over all scored pixels; image reduction: "
                "scores per image, averaged. Classes absent from both prediction and truth are left out of means.")
+    if result.get(summary.KEY):  # what training bought: the same episodes and adaptation from a random init
+        out += ["", "## Against a random initialisation", "", *summary.section(result)]
     tables = [("mIoU", "miou", "dataset"), ("mF1 (mDice)", "mf1", "dataset"),
               ("mIoU", "miou", "image"), ("mF1 (mDice)", "mf1", "image")]
     binary = result.get("classes") is not None and len(result["classes"]) == 2

@@ -392,11 +392,13 @@ def adapt_and_score(learner: MetaLearner, images: torch.Tensor, masks: torch.Ten
 
 
 def curve_summary(metric: str, points: dict[int, list[dict[int, float]]], curve: Sequence[int]) -> dict:
-    """The ``curve`` entry of ``eval.json``: ``{"metric", "shots": {k: {steps: {"mean", "ci95"}}}}``,
-    mean and 95% CI over episodes; keys are strings, as JSON has them."""
+    """The ``curve`` entry of ``eval.json``: ``{"metric", "shots": {k: {steps: {"mean", "ci95",
+    "per_episode"}}}}``, mean and 95% CI over episodes, and each episode's value in episode order
+    (episodes are seeded, so two checkpoints' values pair up for a paired comparison); keys are
+    strings, as JSON has them."""
     def summary(values: list[float]) -> dict:
         m = mean_ci95(values)
-        return {"mean": m["mean"], "ci95": m["ci95"]}
+        return {"mean": m["mean"], "ci95": m["ci95"], "per_episode": [float(v) for v in values]}
 
     return {"metric": metric,
             "shots": {str(k): {str(t): summary([ep[t] for ep in eps]) for t in curve} for k, eps in points.items()}}
@@ -444,8 +446,11 @@ def _dataset_means(datasets: dict) -> dict:
 
 def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_classes: int,
                      cfg: Any, device: torch.device, seed: int,
-                     classes: Optional[Sequence[str]] = None) -> EvalResult:
-    """Evaluate every held-out dataset; returns the ``eval.json`` structure (pictures attached)."""
+                     classes: Optional[Sequence[str]] = None, label: Optional[str] = None) -> EvalResult:
+    """Evaluate every held-out dataset; returns the ``eval.json`` structure (pictures attached).
+
+    ``label`` names the model in the log lines (``[synth_4, random init] ...``) when it is not the one
+    the run is about (the random-init baseline)."""
     validate_eval(cfg)
     names = list(classes) if classes else [f"class {c}" for c in range(num_classes)]
     out = EvalResult({"classes": list(classes) if classes else None, "protocol": protocol(cfg, learner, seed),
@@ -459,7 +464,7 @@ def evaluate_heldout(learner: MetaLearner, datasets: dict[str, Dataset], num_cla
         if gallery is not None and gallery["indices"]:
             out.pictures[name] = render_gallery(name, ds, gallery, names, mode=cfg.mode)
         z = res["zero_shot"]
-        msg = f"[{name}] zero-shot mIoU {z['miou']:.3f} mF1 {z['mf1']:.3f}"
+        msg = f"[{name}{', ' + label if label else ''}] zero-shot mIoU {z['miou']:.3f} mF1 {z['mf1']:.3f}"
         for k in shot_list(cfg) if "adapted" in res else []:
             a = res["adapted"][str(k)]
             msg += (f" | {k}-shot mIoU {a['miou']['mean']:.3f} +- {a['miou']['ci95']:.3f}"

@@ -43,6 +43,7 @@ def stage_config(cfg: Any) -> Any:
         stage.trainer.resume = "auto" if cfg.trainer.resume else None
         stage.trainer.patience = None
         stage.eval.tune = False
+        stage.eval.baseline = False  # the second stage's final evaluation sets the baseline beside the result
     return stage
 
 

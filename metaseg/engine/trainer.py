@@ -25,7 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine import distributed
+from metaseg.engine import distributed, summary
+from metaseg.engine.baseline import evaluate_baseline
 from metaseg.engine.best import BestTracker
 from metaseg.engine.budget import Budget, write_budget
 from metaseg.engine.build import make_learner, validate_meta
@@ -225,6 +226,10 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
             result = evaluate_heldout(learner, heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
             if final and cfg.eval.tune:
                 result["tune"] = tuning
+            if final and cfg.eval.baseline and heldout:  # the same episodes and adaptation from a random init
+                result[summary.KEY] = evaluate_baseline(  # its own Precision: fp16's scale is state
+                    lambda m: make_learner(m, meta, Precision(precision.mode, device.type)), cfg.model, heldout,
+                    mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
             if writer is not None:
                 _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
             if mix.val:
@@ -312,4 +317,22 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
                                          "processes": ctx.world_size,
                                          "steps_per_second": (step - start_step) / seconds if seconds else None})
     log.info("wrote %s", run_dir / "metrics.json")
+    log.info("%s", summary.render(metrics, where_next(run_dir),
+                                  reason=None if cfg.eval.baseline or not mix.heldout else
+                                  "eval.baseline=false: no random-init baseline beside these scores."))
     return {**metrics, "seconds": seconds}
+
+
+def where_next(run_dir: Path) -> list[tuple[str, str]]:
+    """The summary's pointers: the run folder, its tensorboard (curves and pictures), the checkpoint to evaluate."""
+    folder = summary.shown_path(run_dir)
+    best = checkpoint_dir(run_dir) / BEST
+    ckpt = summary.shown_path(best if best.is_file() else checkpoint_dir(run_dir) / LAST)
+    out = [("run folder", f"{folder}  (metrics.json, checkpoints/, the log, .hydra/config.yaml)"),
+           ("tensorboard", f"tensorboard --logdir {folder}  (SCALARS: train/, heldout/, val/; "
+                           f"IMAGES: predictions/, the held-out pictures)")]
+    if (run_dir / CURVE_PNG).is_file():
+        out.append(("curve", f"{summary.shown_path(run_dir / CURVE_PNG)}  (held-out score against adaptation steps)"))
+    out.append(("evaluate", f"metaseg-eval checkpoint={ckpt}  (eval.md, eval.csv, pictures/; "
+                            f"eval.shots=[1,5,10] for more k)"))
+    return out

@@ -6,8 +6,8 @@ forward passes as theta itself. The outer step still updates everything: the enc
 its meta-gradient through the query loss and, second order, through the features the
 adapted head was fitted on. Because the inner gradient is taken with respect to the head
 only, the inner backward stops at the first adapted module, and the unrolled graph the
-outer backward walks holds the head's steps only: much cheaper than MAML (measured in the
-README). Evaluation adapts the same parameters.
+outer backward walks holds the head's steps only: much cheaper than MAML (measured in
+docs/algorithms.md). Evaluation adapts the same parameters.
 
 Patterns are dotted module (or parameter) names with ``fnmatch`` globs per segment and
 negative indices for "from the end": ``decoder.blocks.-1`` is the last decoder block of a

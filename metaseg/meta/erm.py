@@ -9,7 +9,7 @@ batches, then one on the query batches (each update: the mean loss over the meta
 batches, one forward and one backward pass each, then an Adam step at beta). That is
 meta_batch * (K + 1) forward and as many backward passes, MAML's count (K support passes
 and one query pass per task), on the same images; MAML's outer backward through the
-unrolled steps costs more, which the README's cost table measures. Batches stay per
+unrolled steps costs more, which the cost table of docs/algorithms.md measures. Batches stay per
 dataset, so BatchNorm sees the same batch statistics as in MAML's tasks.
 
 Evaluation is the shared protocol unchanged: zero-shot, then few-shot fine-tuning on the

@@ -3,7 +3,7 @@
 The meta-gradient is the query gradient at the adapted weights phi_K, applied to theta as
 it is. The inner gradients are taken without a graph, so the outer backward runs through
 one forward pass instead of K unrolled steps: about half of MAML's time here, a fraction
-of its memory (README, "Algorithms"). Works with every encoder, including those without
+of its memory (docs/algorithms.md). Works with every encoder, including those without
 second derivatives (MobileNetV3).
 """
 
