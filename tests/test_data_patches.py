@@ -98,8 +98,9 @@ def test_training_tasks_and_slide_evaluation_end_to_end(root, tmp_path):
 
 
 def test_patches_need_slide_scoring_and_files(root, tmp_path):
-    with pytest.raises(ConfigError, match="eval.mode=slide"):
-        train(cfg_for(root, "trainer.max_steps=1"), tmp_path / "x")
+    assert cfg_for(root).eval.mode == "slide"  # the patch mix brings its evaluation mode (conf/data_eval)
+    with pytest.raises(ConfigError, match="eval.mode=slide"):  # and refuses a user's resize
+        train(cfg_for(root, "trainer.max_steps=1", "eval.mode=resize"), tmp_path / "x")
     assert not (tmp_path / "x" / "checkpoints").exists()
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         syn = compose("train", ["data.patches=true"])
