@@ -21,7 +21,9 @@ Every run goes to ``OUT/FOLD/ARM`` with its log. A finished run (``done.json``) 
 an interrupted training run resumes from its last checkpoint (``trainer.resume=auto``), so the
 study spans sittings: rerun the same command. Two-stage arms wait for their fold's erm run;
 a failed erm run marks them skipped. The tables (``OUT/results.md``, ``OUT/results.json``) and
-figures (``OUT/curves.png``, ``OUT/learning.png``) are rebuilt from whatever runs have finished.
+figures (``OUT/curves.png``, ``OUT/learning.png``) are rebuilt from whatever runs have finished;
+``OUT/summary.md`` is the short table of the README (arms x folds, k-shot Dice, the best arm after
+1 and 10 adaptation steps).
 
     python scripts/study.py --out outputs/study --jobs 2
     python scripts/study.py --out outputs/study --tables-only
@@ -275,7 +277,30 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
                      f"{t.get('adapt_steps')} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
+    (out / "summary.md").write_text(summary_table(out, folds, arms, k))  # the README's short table
     return text
+
+
+def summary_table(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
+    """The README's short summary: rows arms, columns folds, k-shot Dice at the tuned steps with
+    its CI, then the best arm after 1 and after 10 adaptation steps (curve), from results.json."""
+    record = json.loads((out / "results.json").read_text())
+    short = {"retina_drive": "DRIVE", "retina_stare": "STARE", "retina_chasedb1": "CHASE", "polyp_kvasir_seg": "polyps"}
+    lines = ["| arm | " + " | ".join(short.get(f, f) for f in folds) + " |", "|---" * (1 + len(folds)) + "|"]
+    if BASE in arms:
+        lines.append(f"| {BASE}, zero-shot (every image) | " + " | ".join(
+            f"{z['fg_dice']:.3f}" if (z := (record.get(f"{f}/{BASE}") or {}).get("zero_shot_all")) else "–"
+            for f in folds) + " |")
+    for a in arms:
+        lines.append(f"| {a}, {k}-shot (tuned steps) | " + " | ".join(
+            cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k)) for f in folds) + " |")
+    for steps in ("1", "10"):
+        cells = []
+        for f in folds:
+            scored = [(s["mean"], a) for a in arms if (s := curve_at(record.get(f"{f}/{a}") or {}, k, steps))]
+            cells.append(f"{max(scored)[1]} {max(scored)[0]:.3f}" if scored else "–")
+        lines.append(f"| best arm, {k}-shot after {steps} step{'s' if steps != '1' else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> Optional[Path]:

@@ -18,7 +18,7 @@ TINY = ["data.size=16", "data.train=[retina_drive,retina_stare]", "model.extra.d
         "trainer.max_steps=2", "trainer.eval_every=1", "meta.shots=2", "meta.query=2", "meta.meta_batch=2",
         "eval.episodes=2", "eval.max_images=2", "eval.support_patches=2", "eval.tune_lrs=[0.1]",
         "eval.tune_steps=[1]", "eval.tune_episodes=1", "eval.pictures=0", "eval.shots=[2,1]",
-        "eval.curve_steps=[0,2]", "eval.curve_shots=[2]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu"]
+        "eval.curve_steps=[0,1,2]", "eval.curve_shots=[2]", "eval.batch_size=8", "data.val_fraction=0.4", "trainer.device=cpu"]
 
 
 def study(out, root, *extra, arms=("erm", "fomaml", "maml", "erm_more", "scratch")):
@@ -74,6 +74,13 @@ def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
     against = table.split("### Against erm")[1]  # the first: at each arm's tuned steps
     row = next(line for line in against.splitlines() if line.startswith("| fomaml |"))
     assert f"{mean:+.3f} ± {1.96 * sd / len(diffs) ** 0.5:.3f}" in row
+    short = (out / "summary.md").read_text()
+    assert f"| erm, 2-shot (tuned steps) | {erm['adapted']['2']['fg_dice']['mean']:.3f} ± " in short
+    def after_one_step(arm):  # a training run's metrics.json, scratch's eval.json
+        path = fold / arm / ("eval.json" if arm == "scratch" else "metrics.json")
+        return json.loads(path.read_text())["datasets"]["retina_chasedb1"]["curve"]["shots"]["2"]["1"]["mean"]
+    best = max((after_one_step(a), a) for a in ("erm", "fomaml", "maml", "erm_more", "scratch"))
+    assert f"| best arm, 2-shot after 1 step | {best[1]} {best[0]:.3f} |" in short
     gain = table.split("### Gain of adaptation")[1]
     assert "| erm | " in gain and "| erm | – |" not in gain  # the curve's unadapted point pairs with the table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
