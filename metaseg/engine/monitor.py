@@ -74,6 +74,3 @@ def _loss(learner, model: nn.Module, images: torch.Tensor, masks: torch.Tensor) 
     with learner.precision.autocast():
         logits = model(images)
     return float(getattr(learner, "loss", pixel_cross_entropy)(logits.float(), masks))
-
-
-# -- pictures -------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaseg.meta.base import Algorithm, OuterSettings
-from metaseg.meta.inner import Params, RateFn, full_precision, make_inner_loop, select_parameters
+from metaseg.meta.inner import Params, RateFn, make_inner_loop, select_parameters
 from metaseg.meta.mamlpp import first_order_at, multi_step_weights
 from metaseg.meta.precision import Precision
 from metaseg.meta.safety import NonFiniteGuard
@@ -43,7 +43,6 @@ from metaseg.utils.errors import CheckpointError
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 IGNORE_INDEX = 255
-_full_precision = full_precision  # kept for callers of the earlier private name
 
 
 def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
