@@ -33,6 +33,20 @@ def compose_cfg(name: str = "train", overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def seeded_checkpoint(path: Path, cfg, seed: int, step: int) -> Path:
+    """A checkpoint of ``cfg``'s model at weights drawn by ``seed``: evaluation needs only weights and a config."""
+    from omegaconf import OmegaConf
+
+    from metaseg.engine.checkpoint import save_checkpoint
+    from metaseg.models.factory import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, len(cfg.data.classes))
+    save_checkpoint(path, model=model.state_dict(), step=step, config=OmegaConf.to_container(cfg, resolve=True),
+                    classes=list(cfg.data.classes))
+    return path
+
+
 @pytest.fixture
 def tiny_cfg():
     return lambda *overrides: compose_cfg("train", [*TINY, "trainer.device=cpu", *overrides])

@@ -16,14 +16,13 @@ from metaseg.data.synthetic import SyntheticDomain
 from metaseg.engine import eval_checkpoint, summary
 from metaseg.engine.baseline import evaluate_baseline, random_init
 from metaseg.engine.build import make_learner
-from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.evaluate import episode_rng, evaluate_dataset
 from metaseg.engine.stages import stage_config
 from metaseg.engine.trainer import train
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import _plain, seed_everything
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import ROOT, TINY, compose_cfg, seeded_checkpoint
 
 CPU = torch.device("cpu")
 SMALL_MODEL = {"encoder_depth": 3, "decoder_channels": [8, 8, 8]}
@@ -88,12 +87,7 @@ CKPT_DATA = ["data.size=32", "data.heldout=[synth_4]", "data.datasets.synth_4.nu
 def checkpoint(tmp_path_factory):
     """A small trained-looking checkpoint (seeded weights other than the baseline's draw)."""
     cfg = compose_cfg("train", [*TINY, "trainer.device=cpu", *CKPT_DATA])
-    torch.manual_seed(11)
-    model = build_model(cfg.model, len(cfg.data.classes))
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    save_checkpoint(path, model=model.state_dict(), step=3, config=OmegaConf.to_container(cfg, resolve=True),
-                    classes=list(cfg.data.classes))
-    return path
+    return seeded_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", cfg, seed=11, step=3)
 
 
 EVAL = ["device=cpu", "eval.shots=[1,2]", "eval.episodes=2", "eval.batch_size=8"]

@@ -11,13 +11,11 @@ from PIL import Image
 
 from metaseg.config import EvalConfig
 from metaseg.engine import eval_report
-from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.eval_checkpoint import evaluate_checkpoint
 from metaseg.engine.evaluate import evaluate_heldout
 from metaseg.meta.maml import MetaLearner
-from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError
-from tests.conftest import compose_cfg, run_cli
+from tests.conftest import compose_cfg, run_cli, seeded_checkpoint
 from tests.test_eval_protocol import FullRes, TinyNet
 
 CPU = torch.device("cpu")
@@ -29,12 +27,7 @@ SMALL_DATA = ["data=synthetic", "data.size=32", "data.datasets.synth_4.num_image
 def checkpoint(tmp_path_factory):
     """An untrained smoke-sized checkpoint: evaluation only needs weights and a config."""
     cfg = compose_cfg("train", ["experiment=smoke", "trainer.device=cpu", "meta.inner_steps=2"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(cfg.data.classes))
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    save_checkpoint(path, model=model.state_dict(), step=7, config=OmegaConf.to_container(cfg, resolve=True),
-                    classes=list(cfg.data.classes))
-    return path
+    return seeded_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", cfg, seed=0, step=7)
 
 
 @pytest.fixture(scope="module")

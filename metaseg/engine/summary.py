@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from metaseg.metrics import mean_ci95
+
 KEY = "baseline"  # the random-init baseline's entry in eval.json and metrics.json (metaseg.engine.baseline)
 RANDOM = "random init"  # its name in the table and the log
 METRIC_NAMES = {"miou": "mIoU", "fg_dice": "foreground Dice"}
@@ -61,8 +63,6 @@ def paired_interval(a: dict, b: dict, metric: str) -> Optional[float]:
     """The 95% half-width of ``a - b`` episode by episode, where both scored the same episodes
     (the same supports, so the same seeded queries): the spread the episodes share cancels,
     which two separate intervals would count twice. None without per-episode scores."""
-    from metaseg.metrics import mean_ci95
-
     x, y = a.get("per_episode") or [], b.get("per_episode") or []
     if len(x) < 2 or len(x) != len(y) or any(p.get("support") != q.get("support") for p, q in zip(x, y)):
         return None
