@@ -142,7 +142,7 @@ class MetaConfig:
     query_from: str = "same"  # same | other: query batch from the task's dataset or another of the mix
     gamma: float = 1.0  # MLDG: weight of the cross-dataset loss L_j(theta')
     second_order_fallback: bool = False  # encoder without second derivatives: true trains first order, warning
-    init_from: Optional[str] = None  # start from a metaseg checkpoint or an encoder state dict (engine/init_from.py)
+    init_from: Optional[str] = None  # start from a metaseg checkpoint or an encoder state dict (engine/training/init_from.py)
     # iMAML (meta=imaml): phi* = argmin L_support(phi) + lambda/2 ||phi - theta||^2 by K SGD steps at alpha,
     # meta-gradient ((1 + cg_damping) I + H/lambda)^{-1} grad L_query(phi*) by conjugate gradient
     imaml_lambda: float = 2.0  # iMAML: lambda, pull of phi towards theta (training and adaptation alike)
@@ -184,7 +184,7 @@ class EvalConfig:
     random initialisation (``metaseg-eval checkpoint=none``'s model) on the same episodes with
     the same adaptation, recorded under ``"baseline"`` in ``eval.json`` / ``metrics.json`` and
     set beside the trained scores in the summary a run ends with and in ``eval.md``
-    (``metaseg/engine/baseline.py``). It costs one more held-out evaluation; false turns it off
+    (``metaseg/engine/evaluation/baseline.py``). It costs one more held-out evaluation; false turns it off
     (experiments whose study has its own ``scratch`` arm do). Evaluations during training,
     validation tasks and ``checkpoint=none`` itself never run it.
     """
@@ -207,7 +207,7 @@ class EvalConfig:
     # protocol's episodes; eval.json "curve", eval.md, curve.png. []: off
     curve_steps: List[int] = field(default_factory=list)
     curve_shots: Optional[List[int]] = None  # the k the curve follows; null: every k of eval.shots
-    # eval.tune (metaseg/engine/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
+    # eval.tune (metaseg/engine/evaluation/tune.py): adapt_lr x adapt_steps picked on validation tasks, then held out
     tune: bool = False
     tune_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
     tune_steps: List[int] = field(default_factory=lambda: [3, 10])
@@ -220,7 +220,7 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
-    """A first stage before meta-training (engine/stages.py): the two-stage recipe in one run."""
+    """A first stage before meta-training (engine/training/stages.py): the two-stage recipe in one run."""
 
     steps: int = 0  # outer steps of the first stage; 0: none
     algorithm: str = "erm"  # the first stage's algorithm (joint training by default)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metaseg.conf", config_name="eval")

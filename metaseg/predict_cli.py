@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
-from metaseg.engine.segment import segment_folder
+from metaseg.engine.prediction.segment import segment_folder
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metaseg.conf", config_name="predict")

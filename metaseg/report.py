@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from metaseg.cli import user_errors
-from metaseg.engine.best import numeric_leaves
+from metaseg.engine.training.best import numeric_leaves
 from metaseg.utils.errors import ConfigError, MetasegError
 from metaseg.utils.runtime import atomic_write
 

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
 from metaseg.engine.checkpoint import _no_resume, finished_or_started, occupied
-from metaseg.engine.stages import STAGE_DIR
-from metaseg.engine.trainer import train
+from metaseg.engine.training.stages import STAGE_DIR
+from metaseg.engine.training.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metaseg.conf", config_name="train")

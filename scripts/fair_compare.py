@@ -295,10 +295,10 @@ class Study:
         with run_log(d / "run.log"):
             if "train" in spec and not (d / "metrics.json").is_file():
                 log.info("%s: training (%s)", job.name, " ".join(o for o in spec["train"] if "steps=" in o))
-                from metaseg.engine.trainer import train
+                from metaseg.engine.training.trainer import train
                 train(compose_config("train", spec["train"]), d)
             log.info("%s: tuning adaptation on validation tasks, then scoring the held-out domains", job.name)
-            from metaseg.engine.eval_checkpoint import evaluate_checkpoint
+            from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
             evaluate_checkpoint(compose_config("eval", spec["eval"]), d / "eval")
         log.info("%s: done in %.0f s", job.name, time.perf_counter() - t0)
         return "ran"

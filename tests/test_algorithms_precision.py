@@ -104,7 +104,7 @@ def test_bf16_adapt_is_close_to_fp32():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["fomaml", "anil", "metasgd", "reptile", "mldg", "erm", "mamlpp"])
 def test_cuda_training_in_every_precision(tiny_cfg, tmp_path, name):
-    from metaseg.engine.trainer import train
+    from metaseg.engine.training.trainer import train
     for mode in ("32", "bf16", "16"):
         m = train(tiny_cfg(f"meta={name}", "trainer.device=cuda", f"trainer.precision={mode}", "trainer.max_steps=3",
                            "trainer.eval_every=0"), tmp_path / mode)

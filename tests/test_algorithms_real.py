@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from tests.conftest import compose_cfg
 from tests.test_data_real import ROOT, TINY_DATA, TINY_RUN, pytestmark  # noqa: F401 - skips without the data
 

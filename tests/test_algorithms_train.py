@@ -15,8 +15,8 @@ from torch import nn
 
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.checkpoint import save_checkpoint
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
+from metaseg.engine.training.trainer import train
 from metaseg.meta import DivergenceError, MetaLearner, SecondOrderError, second_order_problem
 from metaseg.utils.errors import ConfigError
 from tests.conftest import ROOT, compose_cfg

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from metaseg.config import EvalConfig, MetaConfig, ModelConfig
 from metaseg.data.mix import Normalized
 from metaseg.data.synthetic import SyntheticDomain
-from metaseg.engine import eval_checkpoint, summary
-from metaseg.engine.baseline import evaluate_baseline, random_init
 from metaseg.engine.build import make_learner
-from metaseg.engine.evaluate import episode_rng, evaluate_dataset
-from metaseg.engine.stages import stage_config
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation import checkpoint_eval, summary
+from metaseg.engine.evaluation.baseline import evaluate_baseline, random_init
+from metaseg.engine.evaluation.protocol import episode_rng, evaluate_dataset
+from metaseg.engine.training.stages import stage_config
+from metaseg.engine.training.trainer import train
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import _plain, seed_everything
@@ -95,11 +95,11 @@ EVAL = ["device=cpu", "eval.shots=[1,2]", "eval.episodes=2", "eval.batch_size=8"
 
 def test_eval_sets_the_checkpoint_none_model_beside_the_checkpoint(checkpoint, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="metaseg")
-    on = eval_checkpoint.evaluate_checkpoint(
+    on = checkpoint_eval.evaluate_checkpoint(
         compose_cfg("eval", [f"checkpoint={checkpoint}", *EVAL, "eval.pictures=1", "eval.baseline=true"]),
         tmp_path / "on")
     # the baseline is metaseg-eval checkpoint=none with the checkpoint's model, meta and data
-    none = eval_checkpoint.evaluate_checkpoint(
+    none = checkpoint_eval.evaluate_checkpoint(
         compose_cfg("eval", ["checkpoint=none", "data=synthetic", *CKPT_DATA, *EVAL, "eval.pictures=0"]),
         tmp_path / "none")
     saved = json.loads((tmp_path / "on" / "eval.json").read_text())
@@ -136,8 +136,8 @@ def test_eval_baseline_false_runs_no_baseline(checkpoint, tmp_path, monkeypatch,
     def refuse(*args, **kwargs):
         raise AssertionError("eval.baseline=false ran the baseline")
 
-    monkeypatch.setattr(eval_checkpoint, "evaluate_baseline", refuse)
-    off = eval_checkpoint.evaluate_checkpoint(
+    monkeypatch.setattr(checkpoint_eval, "evaluate_baseline", refuse)
+    off = checkpoint_eval.evaluate_checkpoint(
         compose_cfg("eval", [f"checkpoint={checkpoint}", *EVAL, "eval.pictures=0", "eval.baseline=false"]),
         tmp_path / "off")
     assert "baseline" not in off and "baseline" not in json.loads((tmp_path / "off" / "eval.json").read_text())

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from metaseg.engine.best import BestTracker, metric_value
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.monitor import outer_grad_norm, progress
-from metaseg.engine.trainer import train
+from metaseg.engine.training.best import BestTracker, metric_value
+from metaseg.engine.training.monitor import outer_grad_norm, progress
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import ConfigError
 
 SIZE = 32  # experiment=smoke's image size

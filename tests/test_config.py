@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from metaseg.engine.trainer import validate
+from metaseg.engine.training.trainer import validate
 from metaseg.utils.errors import ConfigError
 from tests.conftest import compose_cfg, run_cli
 
@@ -56,7 +56,7 @@ def test_wrong_type_fails_naming_it(override, key):
     ("data.heldout=[synth_0]", "both data.train and data.heldout"),
 ])
 def test_semantic_errors_name_the_key(tiny_cfg, override, message, tmp_path):
-    from metaseg.engine.trainer import train
+    from metaseg.engine.training.trainer import train
     with pytest.raises(ConfigError, match=None) as exc:
         train(tiny_cfg(override), tmp_path)
     assert message in str(exc.value)

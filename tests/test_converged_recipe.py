@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from metaseg.engine import trainer as trainer_module
-from metaseg.engine.trainer import train, validate
+from metaseg.engine.training import trainer as trainer_module
+from metaseg.engine.training.trainer import train, validate
 from metaseg.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 from tests.data_fixtures import folder_dataset

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint, heldout_data
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint, heldout_data
 from metaseg.engine.heads import NewHeadLearner, head_conv, load_body, prototype_head
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.models.factory import build_model
 from tests.conftest import compose_cfg
 from tests.data_fixtures import folder_dataset

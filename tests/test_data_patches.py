@@ -11,8 +11,8 @@ from PIL import Image
 import metaseg.config  # noqa: F401 - registers the schemas
 from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine.evaluate import support_batch
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.protocol import support_batch
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import ConfigError
 from tests.data_fixtures import SHARED_DATA, folder_dataset
 from tests.conftest import NO_BASELINE

@@ -13,8 +13,8 @@ from PIL import Image
 
 from metaseg.data import build_mix
 from metaseg.data.mix import train_names
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
+from metaseg.engine.training.trainer import train
 from tests.conftest import compose_cfg, run_cli
 from tests.data_fixtures import SHARED_DATA
 

@@ -32,8 +32,8 @@ import torch.multiprocessing as mp
 from metaseg.data.mix import build_mix
 from metaseg.engine import distributed
 from metaseg.engine.build import make_learner
-from metaseg.engine.evaluate import evaluate_heldout
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.protocol import evaluate_heldout
+from metaseg.engine.training.trainer import train
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 

@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from metaseg.config import EvalConfig
-from metaseg.engine import evaluate
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
-from metaseg.engine.evaluate import evaluate_dataset, evaluate_heldout, score, validate_eval
+from metaseg.engine.evaluation import protocol
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
+from metaseg.engine.evaluation.protocol import evaluate_dataset, evaluate_heldout, score, validate_eval
+from metaseg.engine.evaluation.validation import evaluate_validation
 from metaseg.engine.heads import NewHeadLearner, head_conv
-from metaseg.engine.validation import evaluate_validation
 from metaseg.meta.maml import MetaLearner
 from metaseg.meta.metasgd import MetaSGD
 from metaseg.meta.precision import Precision
@@ -153,12 +153,12 @@ def test_curve_split_over_two_ranks_is_the_one_process_curve(heldout, monkeypatc
     cfg = eval_cfg(episodes=3, curve_steps=[0, 2])
     one = evaluate_dataset(make_learner(), "synth_4", heldout, 4, cfg, CPU, seed=0)
     sent = []
-    monkeypatch.setattr(evaluate, "episode_share", lambda n: list(range(1, n, 2)))
-    monkeypatch.setattr(evaluate, "gather", lambda items: sent.append(list(items)) or list(items))
+    monkeypatch.setattr(protocol, "episode_share", lambda n: list(range(1, n, 2)))
+    monkeypatch.setattr(protocol, "gather", lambda items: sent.append(list(items)) or list(items))
     evaluate_dataset(make_learner(), "synth_4", heldout, 4, cfg, CPU, seed=0)  # rank 1: episode 1
     from_rank1 = iter(sent)  # one gather per k, in the same order on every rank
-    monkeypatch.setattr(evaluate, "episode_share", lambda n: list(range(0, n, 2)))
-    monkeypatch.setattr(evaluate, "gather", lambda items: list(items) + next(from_rank1))
+    monkeypatch.setattr(protocol, "episode_share", lambda n: list(range(0, n, 2)))
+    monkeypatch.setattr(protocol, "gather", lambda items: list(items) + next(from_rank1))
     two = evaluate_dataset(make_learner(), "synth_4", heldout, 4, cfg, CPU, seed=0)  # rank 0: episodes 0, 2
     assert as_json(two["curve"]) == as_json(one["curve"]) and as_json(two) == as_json(one)
 

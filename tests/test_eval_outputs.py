@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from metaseg.config import EvalConfig
-from metaseg.engine import eval_report
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
-from metaseg.engine.evaluate import evaluate_heldout
+from metaseg.engine.evaluation import report as eval_report
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
+from metaseg.engine.evaluation.protocol import evaluate_heldout
 from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 from tests.conftest import compose_cfg, run_cli, seeded_checkpoint
@@ -173,7 +173,7 @@ def test_pictures_with_max_images_show_query_images_outside_the_zero_shot_ones()
                                           max_images=1))
     ds = FullRes()
     gallery: dict = {}
-    from metaseg.engine.evaluate import evaluate_dataset
+    from metaseg.engine.evaluation.protocol import evaluate_dataset
     res = evaluate_dataset(learner, "vessels", ds, 2, cfg, CPU, 0, gallery)  # episode 0: support 0, query 1..3
     assert res["scored"] == 1  # zero-shot scored the first image only
     assert any(i != 0 for i in gallery["indices"])  # a picture of an image zero-shot did not score
@@ -188,7 +188,7 @@ def test_tensorboard_gets_every_k_both_reductions_and_the_pictures(tmp_path):
 
     from metaseg.data.mix import Normalized
     from metaseg.data.synthetic import SyntheticDomain
-    from metaseg.engine.trainer import _log_eval
+    from metaseg.engine.training.trainer import _log_eval
 
     torch.manual_seed(0)
     learner = MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=1)

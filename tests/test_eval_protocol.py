@@ -13,8 +13,8 @@ from metaseg.config import EvalConfig
 from metaseg.data.mix import Normalized
 from metaseg.data.synthetic import SyntheticDomain
 from metaseg.data.tasks import collate
-from metaseg.engine.evaluate import evaluate_dataset, score, shot_list, validate_eval
-from metaseg.engine.predict import predictions, slide_logits, window_starts
+from metaseg.engine.evaluation.protocol import evaluate_dataset, score, shot_list, validate_eval
+from metaseg.engine.evaluation.scoring import predictions, slide_logits, window_starts
 from metaseg.meta.maml import MetaLearner
 from metaseg.metrics import mean_ci95
 from metaseg.utils.errors import ConfigError

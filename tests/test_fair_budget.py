@@ -7,8 +7,8 @@ import torch
 
 from metaseg.data import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine.budget import Budget, run_budget
 from metaseg.engine.build import make_learner
+from metaseg.engine.training.budget import Budget, run_budget
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import seed_everything
@@ -64,7 +64,7 @@ def test_budget_file_adds_the_stages():
 
 
 def test_a_run_writes_its_budget(tmp_path):
-    from metaseg.engine.trainer import train
+    from metaseg.engine.training.trainer import train
     cfg = compose_cfg("train", [*TINY, "trainer.device=cpu", "trainer.max_steps=2", "trainer.eval_every=0",
                                 "eval.episodes=1", "eval.pictures=0", "trainer.monitor_tasks=0", "meta=erm",
                                 "meta.inner_steps=1", "trainer.log_every=100"])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.init_from import initialise
-from metaseg.engine.trainer import train
+from metaseg.engine.training.init_from import initialise
+from metaseg.engine.training.trainer import train
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg

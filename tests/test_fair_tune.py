@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from metaseg.data import build_mix
 from metaseg.engine.build import make_learner
-from metaseg.engine.eval_checkpoint import evaluate_checkpoint
-from metaseg.engine.tune import tune_adaptation, tune_grid
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
+from metaseg.engine.evaluation.tune import tune_adaptation, tune_grid
 from metaseg.meta.precision import Precision
 from metaseg.metrics import ConfusionMatrix
 from metaseg.models.factory import build_model
@@ -85,7 +85,7 @@ def test_metaseg_eval_records_the_tuned_choice_and_uses_it(tmp_path):
 
 
 def test_train_time_tune_records_the_choice(tmp_path):
-    from metaseg.engine.trainer import train
+    from metaseg.engine.training.trainer import train
     cfg = compose_cfg("train", [*TINY, "trainer.device=cpu", "trainer.max_steps=1", "trainer.eval_every=0",
                                 "eval.episodes=1", "eval.pictures=0", "trainer.monitor_tasks=0", "eval.tune=true",
                                 "eval.tune_lrs=[0.05,0.2]", "eval.tune_steps=[1]", "eval.tune_episodes=1"])

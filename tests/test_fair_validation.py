@@ -10,7 +10,7 @@ from metaseg.data import build_mix
 from metaseg.data.splits import Subset, validation_indices
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg
 from tests.data_fixtures import folder_dataset
@@ -99,8 +99,8 @@ def test_best_checkpoint_follows_validation_scores(tmp_path):
 
 
 def test_patience_stops_early_and_no_validation_needs_an_explicit_heldout_metric(tmp_path):
-    from metaseg.engine.best import BestTracker
-    from metaseg.engine.trainer import stop_early
+    from metaseg.engine.training.best import BestTracker
+    from metaseg.engine.training.trainer import stop_early
     t = compose_cfg("train", [*TINY, "trainer.patience=2", "trainer.eval_every=5"]).trainer
     best = BestTracker("val.mean.adapted_miou")
     best.update({"val": {"mean": {"adapted_miou": 0.5}}}, 5)

@@ -12,7 +12,6 @@ import time
 import warnings
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,14 +20,14 @@ from metaseg import __version__
 from metaseg.data.decode import MAX_PIXELS, ImageTooLarge, Pair, probe, read_image
 from metaseg.data.folder import list_files
 from metaseg.data.labels import build_label_map
-from metaseg.engine.budget import Budget, read_budget
+from metaseg.engine.training.budget import Budget, read_budget
 from metaseg.engine.checkpoint import (
     LOCK, RunLock, claim_run_dir, digest, load_checkpoint, save_checkpoint)
-from metaseg.engine.eval_checkpoint import checkpoint_model, read_checkpoint
-from metaseg.engine.eval_report import markdown_report
-from metaseg.engine.segment import segment_folder, validate_predict
-from metaseg.engine.segment_files import list_images, load_rgb
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.checkpoint_eval import checkpoint_model, read_checkpoint
+from metaseg.engine.evaluation.report import markdown_report
+from metaseg.engine.prediction.files import list_images, load_rgb
+from metaseg.engine.prediction.segment import segment_folder, validate_predict
+from metaseg.engine.training.trainer import train
 from metaseg.meta.safety import DivergenceError, DivergenceWatch
 from metaseg.utils.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import compose_cfg, run_cli

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metaseg.engine.build import make_learner, validate_meta
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.meta import IMAML, MetaLearner, OuterSettings, Precision
 from metaseg.meta.imaml import conjugate_gradient
 from metaseg.models import set_norm

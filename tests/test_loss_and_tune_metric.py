@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from metaseg.data.mix import build_mix
 from metaseg.engine.build import make_learner
-from metaseg.engine.tune import tune_adaptation
-from metaseg.engine.validation import evaluate_validation
+from metaseg.engine.evaluation.tune import tune_adaptation
+from metaseg.engine.evaluation.validation import evaluate_validation
 from metaseg.meta.maml import ce_dice
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model

@@ -86,7 +86,7 @@ def test_cuda_mixed_precision_meta_gradient(mode):
 
 @pytest.mark.cuda
 def test_cuda_training_step_in_every_precision(tiny_cfg, tmp_path):
-    from metaseg.engine.trainer import train
+    from metaseg.engine.training.trainer import train
     for mode in ("32", "bf16", "16"):
         m = train(tiny_cfg("trainer.device=cuda", f"trainer.precision={mode}", "trainer.max_steps=3"),
                   tmp_path / mode)

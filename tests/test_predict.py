@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from metaseg.data.labels import build_label_map
-from metaseg.engine.eval_checkpoint import checkpoint_model, read_checkpoint
-from metaseg.engine.export import batch_statistics
-from metaseg.engine.segment import segment_folder
-from metaseg.engine.segment_files import LEGEND_MIN_WIDTH, overlay, overlay_colours, support_values
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.checkpoint_eval import checkpoint_model, read_checkpoint
+from metaseg.engine.prediction.export import batch_statistics
+from metaseg.engine.prediction.files import LEGEND_MIN_WIDTH, overlay, overlay_colours, support_values
+from metaseg.engine.prediction.segment import segment_folder
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg, run_cli
 from tests.data_fixtures import folder_dataset, rgb

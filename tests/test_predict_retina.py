@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metaseg.engine.segment import segment_folder
-from metaseg.engine.trainer import train
+from metaseg.engine.prediction.segment import segment_folder
+from metaseg.engine.training.trainer import train
 from tests.conftest import compose_cfg
 from tests.data_fixtures import SHARED_DATA
 

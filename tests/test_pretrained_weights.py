@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from metaseg.config import ModelConfig
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.models import build_model
 from metaseg.models.weights import input_normalisation
 from metaseg.utils.errors import ConfigError

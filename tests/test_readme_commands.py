@@ -38,12 +38,12 @@ from omegaconf import OmegaConf
 
 import metaseg.config  # noqa: F401 - registers the schemas
 import metaseg.data.folder
-import metaseg.engine.trainer
+import metaseg.engine.training.trainer
 from metaseg.data import build_mix
 from metaseg.data.mix import train_names
 from metaseg.engine.distributed import check_meta_batch
-from metaseg.engine.evaluate import check_heldout_sizes, validate_eval
-from metaseg.engine.trainer import train
+from metaseg.engine.evaluation.protocol import check_heldout_sizes, validate_eval
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import MetasegError
 from tests.conftest import BIN, ROOT
 from tests.data_fixtures import SHARED_DATA, folder_dataset
@@ -315,7 +315,7 @@ def set_up(monkeypatch, tmp_path):
     def model(*args, **kwargs):
         raise ReachedTheModel
 
-    monkeypatch.setattr(metaseg.engine.trainer, "build_model", model)
+    monkeypatch.setattr(metaseg.engine.training.trainer, "build_model", model)
     runs = itertools.count()
 
     def run(cfg) -> None:

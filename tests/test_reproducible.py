@@ -2,7 +2,7 @@
 
 import json
 
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 
 
 def test_same_seed_same_metrics(tiny_cfg, tmp_path):

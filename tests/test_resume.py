@@ -10,7 +10,7 @@ import torch
 from metaseg import __version__
 from metaseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from metaseg.engine.state import TEST_KILL_ENV
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import CheckpointError
 from tests.conftest import run_cli
 

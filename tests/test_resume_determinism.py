@@ -9,7 +9,7 @@ import torch
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from metaseg.engine.state import capture, deterministic_algorithms, restore, rng_isolated, rng_state, set_rng_state
-from metaseg.engine.trainer import train
+from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import ConfigError
 
 

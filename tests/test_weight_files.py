@@ -12,7 +12,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from metaseg.config import ModelConfig
-from metaseg.engine.init_from import initialise
+from metaseg.engine.training.init_from import initialise
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 

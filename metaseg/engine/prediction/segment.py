@@ -6,7 +6,7 @@ unlabelled ones: give me masks."
 1. **Model.** A checkpoint (any algorithm, ``erm`` included) with its size, mean/std and
    adaptation settings, or ``checkpoint=none``: the ``model`` group at random init, which only
    makes sense fine-tuned on a support. The same functions as ``metaseg-eval`` load it
-   (``engine/eval_checkpoint.py``), so a support whose classes differ from the checkpoint's
+   (``engine/evaluation/checkpoint_eval.py``), so a support whose classes differ from the checkpoint's
    gets a new head, set from the support prototypes, exactly as in evaluation.
 2. **Adaptation** (when ``support`` is given). Every image of the support folder, read with the
    ``data`` group (``data=folder``: the same layout, value mapping and checks as everywhere
@@ -16,13 +16,13 @@ unlabelled ones: give me masks."
 3. **Segmentation.** Every image of ``images`` at its own size: ``mode=resize`` runs the model
    on the image resized to the training size (as the support was) and upsamples the logits
    bilinearly to the original size before the argmax; ``mode=slide`` covers the original
-   resolution with windows of the training size (``engine/predict.py``, as ``eval.mode=slide``).
+   resolution with windows of the training size (``engine/evaluation/scoring.py``, as ``eval.mode=slide``).
    Images go through in batches of ``batch_size`` (slide: windows), decoded and written by a
    thread pool, with a progress bar. With ``model.norm: batch`` every forward batch is
    normalised by its own statistics, so ``batch_size`` is part of what is predicted, as in
    evaluation. An image that cannot be read is skipped and named at the end, never fatal.
 4. **Outputs** in ``out``: ``masks/<stem>.png`` and ``overlays/<stem>.png``
-   (``engine/segment_files.py``), ``predict.json`` (what was done, per image and skipped), and
+   (``engine/prediction/files.py``), ``predict.json`` (what was done, per image and skipped), and
    with ``save_adapted`` the adapted model (``engine/export.py``). Every file is written
    atomically.
 """
@@ -49,13 +49,13 @@ from tqdm.auto import tqdm
 
 from metaseg.data.decode import fit_image
 from metaseg.data.tasks import collate
-from metaseg.engine.eval_checkpoint import (
+from metaseg.engine.evaluation.checkpoint_eval import (
     NO_CHECKPOINT, adaptation_learner, baseline_meta, check_baseline, checkpoint_model, heldout_data, heldout_mix,
     is_baseline, read_checkpoint)
-from metaseg.engine.export import (
+from metaseg.engine.prediction.export import (
     ADAPTED_CHECKPOINT, ADAPTED_SMP, adapted_config, export_smp, save_adapted_checkpoint)
-from metaseg.engine.predict import MODES, slide
-from metaseg.engine.segment_files import (
+from metaseg.engine.evaluation.scoring import MODES, slide
+from metaseg.engine.prediction.files import (
     MASK_FORMATS, MaskWriter, list_images, load_rgb, save_overlay, support_values)
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model

@@ -1,7 +1,7 @@
 """The one screen a run ends with: the held-out scores beside the random-init baseline, then where to look.
 
 A score alone ("5-shot mIoU 26.4") does not say whether training helped; beside it the same
-episodes adapted from a random initialisation of the same model (``metaseg.engine.baseline``)
+episodes adapted from a random initialisation of the same model (``metaseg.engine.evaluation.baseline``)
 do. For each held-out dataset and setting (zero-shot, every k) the table gives both, their
 difference with the 95% interval of the per-episode differences (both models score the same
 seeded episodes, so the comparison is paired), and whether that interval excludes 0. Zero-shot scores are one number on every image, with no
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from metaseg.metrics import mean_ci95
 
-KEY = "baseline"  # the random-init baseline's entry in eval.json and metrics.json (metaseg.engine.baseline)
+KEY = "baseline"  # the random-init baseline's entry in eval.json and metrics.json (metaseg.engine.evaluation.baseline)
 RANDOM = "random init"  # its name in the table and the log
 METRIC_NAMES = {"miou": "mIoU", "fg_dice": "foreground Dice"}
 CONTROL = ("The random init is the weak control (did training help at all?); joint training on the same "

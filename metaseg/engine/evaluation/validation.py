@@ -2,7 +2,7 @@
 
 ``best.pt``, early stopping (``trainer.patience``) and ``eval.tune`` read these scores, never
 the held-out datasets', so the held-out numbers a run reports were not used to pick anything.
-The protocol is exactly :func:`metaseg.engine.evaluate.evaluate_heldout` (seeded episodes,
+The protocol is exactly :func:`metaseg.engine.evaluation.protocol.evaluate_heldout` (seeded episodes,
 support = first k of a permutation, scored on the rest, adapted from a fresh copy of theta),
 on ``Mix.val`` (:mod:`metaseg.data.splits`), with ``eval.val_episodes`` episodes (null:
 ``eval.episodes``) and no pictures. Its result sits under ``"val"`` of the run's evaluation
@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from metaseg.engine.evaluate import evaluate_heldout, shot_list
+from metaseg.engine.evaluation.protocol import evaluate_heldout, shot_list
 from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from metaseg.data.decode import IMAGE_EXTS, error_reason, read_image
 from metaseg.data.folder import list_files
 from metaseg.data.labels import LabelMap
-from metaseg.engine.eval_report import PALETTE, draw_legend, legend_lines, load_font, palette
+from metaseg.engine.evaluation.report import PALETTE, draw_legend, legend_lines, load_font, palette
 from metaseg.utils.errors import ConfigError, DataError
 from metaseg.utils.runtime import atomic_write
 

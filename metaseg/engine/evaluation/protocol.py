@@ -26,7 +26,7 @@ gathered in episode order, so every process returns the numbers one process woul
 
 Scores come from confusion matrices (``metaseg.metrics``): the top-level numbers are the
 dataset reduction, ``"image"`` holds the image reduction. Scoring runs under
-``torch.inference_mode`` in batches (``metaseg.engine.predict``); only adaptation builds a
+``torch.inference_mode`` in batches (``metaseg.engine.evaluation.scoring``); only adaptation builds a
 graph.
 """
 
@@ -47,8 +47,8 @@ from torch.utils.data import Dataset
 
 from metaseg.data.tasks import collate
 from metaseg.engine.distributed import episode_share, gather, is_main
-from metaseg.engine.eval_report import render_gallery
-from metaseg.engine.predict import MODES, predictions
+from metaseg.engine.evaluation.report import render_gallery
+from metaseg.engine.evaluation.scoring import MODES, predictions
 from metaseg.meta.maml import IGNORE_INDEX, MetaLearner
 from metaseg.metrics import PER_CLASS, ConfusionMatrix, mean_ci95, per_class_mean_ci95
 from metaseg.utils.errors import ConfigError
@@ -168,7 +168,7 @@ PATCH_MODE_FIX = ("data.patches=true: the model works on patches, so whole image
 def patch_mode(dataset: Dataset, name: str, cfg: Any) -> Any:
     """``cfg`` for scoring ``dataset``: a patch model (``data.patches``) scores whole images by
     sliding window, so ``resize`` (which would score one centre patch) is an error for held-out
-    data; validation tasks (``cfg.validation``, set by :mod:`metaseg.engine.validation`) are
+    data; validation tasks (``cfg.validation``, set by :mod:`metaseg.engine.evaluation.validation`) are
     switched to ``slide`` with the evaluation's window and stride. They once scored centre
     patches, a cheap proxy that misled: the centre of a fundus photograph is its nearly
     vessel-free fovea, so validation Dice there said nothing about vessels."""

@@ -6,7 +6,7 @@ same model, mix, tasks and hyper-parameters, joint training) for N outer steps i
 starting from that stage's ``pretrain.checkpoint`` (``best``: selected on validation tasks,
 or ``last``), exactly as ``meta.init_from`` would. The total is N + ``trainer.max_steps``
 outer steps; ``experiment=two_stage`` splits a single-stage arm's 200 steps 100 + 100, and
-``budget.json`` adds both stages' images and seconds (:mod:`metaseg.engine.budget`).
+``budget.json`` adds both stages' images and seconds (:mod:`metaseg.engine.training.budget`).
 
 A resumed run (``trainer.resume=auto``) skips a finished first stage and resumes an
 unfinished one.

@@ -7,7 +7,7 @@ erm, or ``checkpoint=none``), goes through the same selection:
 
 1. for every ``adapt_steps`` in ``eval.tune_steps`` and ``adapt_lr`` in ``eval.tune_lrs``
    (that order), score the first k of ``eval.shots`` on the validation tasks of the training
-   datasets (:mod:`metaseg.engine.validation`; ``eval.tune_episodes`` episodes each); a
+   datasets (:mod:`metaseg.engine.evaluation.validation`; ``eval.tune_episodes`` episodes each); a
    learner with learned step sizes (Meta-SGD, MAML++ LSLR) also tries them (``adapt_lr``
    null, recorded as such), first, since a fixed ``adapt_lr`` replaces them;
 2. choose the grid point with the highest mean adapted score (``eval.tune_metric``) over the
@@ -32,8 +32,8 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
 from metaseg.data.splits import check_validation_sizes
-from metaseg.engine.evaluate import shot_list
-from metaseg.engine.validation import evaluate_validation
+from metaseg.engine.evaluation.protocol import shot_list
+from metaseg.engine.evaluation.validation import evaluate_validation
 from metaseg.meta.maml import MetaLearner
 from metaseg.utils.errors import ConfigError
 

@@ -20,14 +20,14 @@ from torch import nn
 
 from metaseg.config import MetaConfig, TrainConfig
 from metaseg.data.mix import build_mix, normalisation
-from metaseg.engine import summary
-from metaseg.engine.baseline import evaluate_baseline, random_init
 from metaseg.engine.build import make_learner
 from metaseg.engine.checkpoint import load_checkpoint
-from metaseg.engine.eval_report import CURVE_PNG, write_reports
-from metaseg.engine.evaluate import evaluate_heldout, validate_eval
+from metaseg.engine.evaluation import summary
+from metaseg.engine.evaluation.baseline import evaluate_baseline, random_init
+from metaseg.engine.evaluation.protocol import evaluate_heldout, validate_eval
+from metaseg.engine.evaluation.report import CURVE_PNG, write_reports
+from metaseg.engine.evaluation.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.engine.heads import NewHeadLearner, load_body
-from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.models.weights import fill_normalisation

@@ -7,7 +7,7 @@ default) scores a second model, the one ``metaseg-eval checkpoint=none`` evaluat
 them, load as they would before training). Everything else is held fixed:
 
 * the same episodes: supports, queries and support patches come from generators seeded by
-  (seed, dataset, episode, k), never by the model (``metaseg.engine.evaluate``), so both
+  (seed, dataset, episode, k), never by the model (``metaseg.engine.evaluation.protocol``), so both
   models adapt on the same images and are scored on the same images;
 * the same adaptation: the learner is built by the function that built the trained model's,
   from the same ``meta`` config, and run with the evaluation's own ``adapt_steps`` /
@@ -36,9 +36,9 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import Dataset
 
-from metaseg.engine.evaluate import evaluate_heldout
+from metaseg.engine.evaluation.protocol import evaluate_heldout
+from metaseg.engine.evaluation.summary import RANDOM
 from metaseg.engine.state import rng_isolated
-from metaseg.engine.summary import RANDOM
 from metaseg.meta.maml import MetaLearner
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import seed_everything

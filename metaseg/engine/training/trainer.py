@@ -24,22 +24,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
 from metaseg.data.mix import build_mix
+from metaseg.data.splits import check_validation_sizes
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine import distributed, summary
-from metaseg.engine.baseline import evaluate_baseline
-from metaseg.engine.best import BestTracker
-from metaseg.engine.budget import Budget, write_budget
+from metaseg.engine import distributed
 from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, claim_run_dir, resume_training, save_checkpoint
-from metaseg.engine.eval_report import CURVE_PNG, plot_curves
-from metaseg.engine.evaluate import PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list, validate_eval
-from metaseg.engine.monitor import InnerLoopMonitor, outer_grad_norm, progress
-from metaseg.engine.init_from import initialise
-from metaseg.engine.stages import STAGE_DIR, pretrain_stage
-from metaseg.engine.tune import tune_adaptation, tuned_eval_cfg
+from metaseg.engine.evaluation import summary
+from metaseg.engine.evaluation.baseline import evaluate_baseline
+from metaseg.engine.evaluation.protocol import (PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list,
+                                                 validate_eval)
+from metaseg.engine.evaluation.report import CURVE_PNG, plot_curves
+from metaseg.engine.evaluation.tune import tune_adaptation, tuned_eval_cfg
+from metaseg.engine.evaluation.validation import check_selection_metric, evaluate_validation, log_validation
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
-from metaseg.engine.validation import check_selection_metric, evaluate_validation, log_validation
-from metaseg.data.splits import check_validation_sizes
+from metaseg.engine.training.best import BestTracker
+from metaseg.engine.training.budget import Budget, write_budget
+from metaseg.engine.training.init_from import initialise
+from metaseg.engine.training.monitor import InnerLoopMonitor, outer_grad_norm, progress
+from metaseg.engine.training.stages import STAGE_DIR, pretrain_stage
 from metaseg.meta.precision import Precision
 from metaseg.meta.safety import DivergenceWatch
 from metaseg.models.factory import build_model
@@ -175,7 +177,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     precision = Precision(cfg.trainer.precision, device.type)
     meta = cfg.meta
 
-    mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/validation.py)
+    mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/evaluation/validation.py)
     check_selection_metric(cfg.trainer.best_metric, mix.val, mix.heldout)
     if cfg.eval.episodes >= 1:
         check_validation_sizes(mix.val, shot_list(cfg.eval)[:1])  # validation adapts with the first k only

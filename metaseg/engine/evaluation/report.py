@@ -2,7 +2,7 @@
 
 * ``eval.md``: Markdown tables to paste, datasets x {zero-shot, k-shot}, in percent, k-shot
   cells as mean +- 95% CI over episodes; with the random-init baseline (``eval.baseline``) first
-  the summary's comparison (``metaseg.engine.summary``), then one table per metric and
+  the summary's comparison (``metaseg.engine.evaluation.summary``), then one table per metric and
   reduction, then per-class IoU.
 * ``eval.csv``: the same numbers in long form (one row per dataset, setting, k, reduction,
   metric and class), for pandas or a spreadsheet; fractions, not percent.
@@ -29,8 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from metaseg.engine import summary
-from metaseg.engine.predict import full_resolution_sample
+from metaseg.engine.evaluation import summary
+from metaseg.engine.evaluation.scoring import full_resolution_sample
 from metaseg.meta.maml import IGNORE_INDEX
 from metaseg.metrics import segmentation_scores
 from metaseg.utils.runtime import atomic_write
