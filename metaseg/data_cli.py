@@ -1,4 +1,4 @@
-"""``metaseg-data``: validate a dataset or mix, print a summary, write a grid of sample overlays."""
+"""``metaseg-data``: check a dataset or mix, print a summary, write a grid of sample overlays."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 import metaseg.config  # noqa: F401 - registers the structured-config schemas
 from metaseg.cli import user_errors
-from metaseg.data.validate import inspect_data
+from metaseg.data.check import inspect_data
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metaseg.conf", config_name="data_cmd")

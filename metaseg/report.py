@@ -14,8 +14,6 @@ objective use) unless ``--metric`` names another dotted key of ``metrics.json``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import re
@@ -30,6 +28,8 @@ from metaseg.cli import user_errors
 from metaseg.engine.training.best import numeric_leaves
 from metaseg.utils.errors import ConfigError, MetasegError
 from metaseg.utils.runtime import atomic_write
+from metaseg.utils.tables import csv_text as table_csv
+from metaseg.utils.tables import markdown_table
 
 PROG = "metaseg-report"
 DEFAULT_METRIC, DEFAULT_MODE = "objective", "max"
@@ -194,8 +194,7 @@ def markdown(root: Path, runs: Sequence[Run], metric: str, mode: str) -> str:
     lines = [f"# Sweep report: {root.name}", "",
              f"{len(runs)} runs ({done} scored), sorted by `{metric}` ({'higher' if mode == 'max' else 'lower'} "
              f"is better); `best` is the best `{metric}` a run reached at an evaluation during training.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+             *markdown_table(header, [[_cell(v) for v in row] for row in rows])]
     swept = swept_keys(runs)
     if swept:
         lines += ["", f"Swept: {', '.join(f'`{k}`' for k in swept)}."]
@@ -204,14 +203,7 @@ def markdown(root: Path, runs: Sequence[Run], metric: str, mode: str) -> str:
 
 
 def csv_text(runs: Sequence[Run], metric: str, mode: str) -> str:
-    header, rows = table(runs, metric, mode)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else
-                         (repr(v) if isinstance(v, float) else v) for v in row])
-    return buf.getvalue()
+    return table_csv(*table(runs, metric, mode))
 
 
 def _is_number(value: Any) -> bool:

@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_module
 from torch.profiler import ProfilerActivity, profile
 
 import metaseg.config  # noqa: F401 - registers the schemas
-from metaseg.engine.step_cost import interleaved_seconds, prepare
+from step_cost import interleaved_seconds, prepare  # scripts/step_cost.py
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "mldg", "erm"]
@@ -66,12 +66,13 @@ class Counter:
 
 def build(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     overrides = [f"meta={name}", f"data.size={a.size}", f"meta.inner_steps={a.inner_steps}",
-                 f"meta.meta_batch={a.meta_batch}", f"meta.shots={a.shots}", f"meta.query={a.query}", *a.overrides]
+                 f"meta.meta_batch={a.meta_batch}", f"meta.shots={a.shots}", f"meta.query={a.query}",
+                 f"trainer.precision={a.precision}", *a.overrides]
     if name == "mamlpp":  # time its second-order phase (the multi-step loss is still on then)
         overrides.append("meta.first_order_until=0")
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    runner = prepare(cfg, device, a.precision)
+    runner = prepare(cfg, device)
     return {"runner": runner, "counter": Counter(runner.model), "cfg": cfg}
 
 

@@ -21,7 +21,7 @@ import torch
 
 from metaseg.config import ModelConfig
 from metaseg.data.synthetic import synthetic_task
-from metaseg.meta import ALGORITHMS, MetaLearner, Precision
+from metaseg.meta import ALGORITHMS, Precision
 from metaseg.models import build_model
 
 SMALL = ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
@@ -33,7 +33,7 @@ def meta_grad(name, precision, steps, device):
     torch.manual_seed(0)
     model = build_model(SMALL, 4).to(device)
     support, query = [tuple(t.to(device) for t in b) for b in synthetic_task()]
-    learner = MetaLearner.create(name, model, inner_lr=0.05, inner_steps=steps, precision=precision)
+    learner = ALGORITHMS[name](model, inner_lr=0.05, inner_steps=steps, precision=precision)
     loss = learner.outer_loss(support, query)
     (loss * precision.scale).backward()
     return loss.item(), torch.cat([p.grad.flatten() / precision.scale for p in learner.parameters()])

@@ -14,7 +14,7 @@ same K:
   raw_func       MAML hand-written on ``torch.func.functional_call`` and
                  ``autograd.grad(create_graph=True)``, Adam outer step (the peers' fastest
                  second-order loop among the peers we compared): the floor of the func backend.
-  ALGO/BACKEND   the project's own ``MetaLearner.create(ALGO, ..., backend=BACKEND).meta_step``
+  ALGO/BACKEND   the project's own ``ALGORITHMS[ALGO](..., backend=BACKEND).meta_step``
                  with one task per step (maml, fomaml, anil: ANIL adapts the last decoder
                  block and the head, its default, and reuses the frozen modules' outputs;
                  imaml on request: K proximal steps without a graph, then --cg-steps
@@ -74,7 +74,8 @@ import torch
 from metaseg.config import ModelConfig
 from metaseg.data.synthetic import CLASSES, synthetic_task
 from metaseg.data.tasks import Task
-from metaseg.meta import MetaLearner, OuterSettings, Precision, pixel_cross_entropy
+from metaseg.meta import ALGORITHMS as ZOO
+from metaseg.meta import OuterSettings, Precision, pixel_cross_entropy
 from metaseg.meta.inner import full_precision
 from metaseg.models.factory import build_model
 
@@ -242,10 +243,10 @@ def algorithm_options(a: argparse.Namespace, algorithm: str) -> dict:
 
 def learner_step(model, task: Task, a, precision: Precision, algorithm: str, backend: str,
                  checkpoint_inner: bool = False) -> Callable[[], None]:
-    """The project's meta-step: ``MetaLearner.create(algorithm, ...).meta_step`` on one task."""
-    learner = MetaLearner.create(algorithm, model, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                                 precision=precision, backend=backend, checkpoint_inner=checkpoint_inner,
-                                 outer=OuterSettings(lr=a.outer_lr, meta_batch=1), **algorithm_options(a, algorithm))
+    """The project's meta-step: ``ALGORITHMS[algorithm](...).meta_step`` on one task."""
+    learner = ZOO[algorithm](model, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
+                             precision=precision, backend=backend, checkpoint_inner=checkpoint_inner,
+                             outer=OuterSettings(lr=a.outer_lr, meta_batch=1), **algorithm_options(a, algorithm))
     opt, scaler, sampler = learner.make_optimizer(), precision.grad_scaler(), Fixed(task)
     counter = iter(range(1, 10**9))
 
@@ -556,9 +557,9 @@ def run_data_path(a: argparse.Namespace) -> dict:
 
     def learner():
         m = copy.deepcopy(model)
-        lr = MetaLearner.create(a.data_algorithm, m, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                                precision=precision, backend=a.backends[0], outer=OuterSettings(lr=a.outer_lr),
-                                **algorithm_options(a, a.data_algorithm))
+        lr = ZOO[a.data_algorithm](m, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
+                                   precision=precision, backend=a.backends[0], outer=OuterSettings(lr=a.outer_lr),
+                                   **algorithm_options(a, a.data_algorithm))
         return lr, lr.make_optimizer(), precision.grad_scaler()
 
     real, pre = learner(), learner()

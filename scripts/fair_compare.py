@@ -22,7 +22,7 @@ Both budget views:
   (two_stage: its erm and maml steps' mean cost; both stages scaled alike). The costs are
   measured side by side before any ``@time`` run, in one process with one thread: each trained
   algorithm at this study's settings takes one outer step in turn for ``--cost-rounds`` rounds,
-  the median is kept (``costs.json``; :mod:`metaseg.engine.step_cost`). The arms' own training
+  the median is kept (``costs.json``; ``scripts/step_cost.py``). The arms' own training
   times are not used: run one after another, or two beside each other, they measure the
   machine's load as much as the algorithm. Step counts, not a time limit: the ``@time`` run
   stays reproducible.
@@ -57,6 +57,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from metaseg.engine.evaluation.results import Results
+from metaseg.utils.tables import markdown_table
 
 log = logging.getLogger("fair_compare")
 
@@ -115,12 +118,13 @@ class Settings:
         """The shared evaluation of every arm; no random-init baseline inside runs (the scratch arm is it)."""
         lrs, ks = self.grid()
         return [f"eval.shots={self.shots}", f"eval.episodes={self.episodes}", f"eval.val_episodes={self.val_episodes}",
-                "eval.pictures=0", "eval.baseline=false", "eval.tune=true", f"eval.tune_lrs=[{','.join(map(_fmt, lrs))}]",
-                f"eval.tune_steps=[{','.join(map(str, ks))}]", f"eval.tune_episodes={self.tune_episodes}",
-                f"seed={self.seed}"]
+                "eval.pictures=0", "eval.baseline=false", "eval.tune=true",
+                f"eval.tune_lrs=[{','.join(map(_fmt, lrs))}]", f"eval.tune_steps=[{','.join(map(str, ks))}]",
+                f"eval.tune_episodes={self.tune_episodes}", f"seed={self.seed}"]
 
     def train_overrides(self, arm: str, steps: int, first: Optional[int] = None) -> list[str]:
-        """``metaseg-train`` overrides of a trained arm at ``steps`` outer steps (two_stage: ``first`` erm steps, then ``steps``)."""
+        """``metaseg-train`` overrides of a trained arm at ``steps`` outer steps (two_stage: ``first`` erm
+        steps, then ``steps``)."""
         every = max(math.ceil(steps / max(self.evals, 1)), 1)  # each stage of two_stage evaluates as often
         algo = ["experiment=two_stage", f"pretrain.steps={first}"] if arm == "two_stage" else [f"meta={arm}"]
         # training's evaluations only feed best.pt (validation tasks): no tuning, one held-out episode
@@ -248,7 +252,7 @@ class Study:
         old = read_json(path)
         if old is not None and all(old["overrides"].get(a) == o for a, o in overrides.items()):
             return old
-        from metaseg.engine.step_cost import median_seconds, prepare
+        from step_cost import median_seconds, prepare  # scripts/step_cost.py
 
         log.info("measuring seconds per outer step of %s side by side (%d rounds)", ", ".join(algos), rounds)
         runners = {a: prepare(compose_config("train", o)) for a, o in overrides.items()}
@@ -451,15 +455,16 @@ def table_row(name: str, folder: Path, fixed: tuple[float, int]) -> dict:
     tune = ev["tune"]
     fixed_score = next((r["score"] for r in tune["grid"] if r["adapt_lr"] is not None
                         and math.isclose(r["adapt_lr"], fixed[0]) and r["adapt_steps"] == fixed[1]), float("nan"))
-    held = {n: {"mean": d["adapted"]["miou"]["mean"], "ci95": d["adapted"]["miou"]["ci95"]}
-            for n, d in ev["datasets"].items()}
+    results = Results.from_dict(ev)
+    held = {n: {"mean": d.first.get("miou").mean, "ci95": d.first.get("miou").ci95}
+            for n, d in results.datasets.items()}
     steps = int(budget.get("outer_steps", 0))
     return {"arm": name, "outer_steps": steps, "forward_images": int(budget.get("forward_images", 0)),
             "backward_images": int(budget.get("backward_images", 0)),
             "train_s": float(budget.get("train_seconds", 0.0)), "total_s": float(budget.get("seconds", 0.0)),
             "s_per_step": float(budget["train_seconds"]) / steps if steps else None,
             "chosen": tune["chosen"], "shots": tune["shots"], "val_fixed": fixed_score, "val_tuned": tune["score"],
-            "heldout": held, "heldout_mean": float(ev["mean"]["adapted_miou"])}
+            "heldout": held, "heldout_mean": float(results.mean["adapted_miou"])}
 
 
 def markdown(rows: list[dict], fixed: tuple[float, int], costs: Optional[dict] = None) -> str:
@@ -470,7 +475,7 @@ def markdown(rows: list[dict], fixed: tuple[float, int], costs: Optional[dict] =
     head = ["arm", "outer steps", "fwd images", "bwd images", "train s", "s / step", "total s", "tuned α, K",
             f"val {k}-shot mIoU at α={_fmt(fixed[0])}, K={fixed[1]}", "val tuned",
             *[f"{n} {k}-shot mIoU" for n in names], "held-out mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         lr = r["chosen"]["adapt_lr"]
         cells = [r["arm"], str(r["outer_steps"]), str(r["forward_images"]), str(r["backward_images"]),
@@ -479,7 +484,8 @@ def markdown(rows: list[dict], fixed: tuple[float, int], costs: Optional[dict] =
                  f"{r['val_fixed']:.3f}", f"{r['val_tuned']:.3f}",
                  *[f"{r['heldout'][n]['mean']:.3f} ± {r['heldout'][n]['ci95']:.3f}" for n in names],
                  f"{r['heldout_mean']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = markdown_table(head, body)
     if costs:
         lines += ["", f"Seconds per outer step, measured side by side ({costs['rounds']} rounds, one thread; they set "
                       f"the @time step counts): " + ", ".join(f"{a} {s:.3f}" for a, s in costs["seconds"].items())]
@@ -517,9 +523,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _worker_init()
     fixed = (float(args.fixed[0]), int(args.fixed[1]))
-    settings = Settings(out=Path(args.out).resolve(), steps=args.steps, episodes=args.episodes, val_episodes=args.val_episodes,
-                        tune_episodes=args.tune_episodes, lrs=args.lrs, ksteps=args.ksteps, fixed=fixed,
-                        shots=args.shots, evals=args.evals, seed=args.seed, overrides=list(args.override))
+    settings = Settings(out=Path(args.out).resolve(), steps=args.steps, episodes=args.episodes,
+                        val_episodes=args.val_episodes, tune_episodes=args.tune_episodes, lrs=args.lrs,
+                        ksteps=args.ksteps, fixed=fixed, shots=args.shots, evals=args.evals, seed=args.seed,
+                        overrides=list(args.override))
     if args.steps < 1:
         print(f"{Path(sys.argv[0]).name}: error: --steps={args.steps} must be >= 1", file=sys.stderr)
         return 2

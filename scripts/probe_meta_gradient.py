@@ -35,8 +35,8 @@ from torch.nn.utils import parameters_to_vector
 
 import metaseg.config  # noqa: F401 - registers the schemas
 from metaseg.data.tasks import Task
-from metaseg.engine.build import make_learner
-from metaseg.engine.step_cost import prepare
+from metaseg.engine.training.setup import build_run
+from metaseg.meta.from_config import make_learner
 from metaseg.meta.precision import Precision
 
 EPS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
@@ -102,12 +102,12 @@ def valid_radius(eps: Sequence[float], slopes: Sequence[float], expected: float,
 
 
 def setup(cfg: DictConfig, dtype: torch.dtype):
-    """The config's task sampler, its learner as ``metaseg-train`` builds it, and a first-order twin
-    of that learner on the same model (in ``dtype``)."""
-    runner = prepare(cfg)
-    runner.model.to(dtype)
-    first = make_learner(runner.model, OmegaConf.merge(cfg.meta, {"first_order": True}), Precision("32", "cpu"))
-    return runner.sampler, runner.learner, first
+    """The config's task sampler, its learner as ``metaseg-train`` builds it (``build_run``), and a
+    first-order twin of that learner on the same model (in ``dtype``)."""
+    run = build_run(cfg)
+    run.model.to(dtype)
+    first = make_learner(run.model, OmegaConf.merge(cfg.meta, {"first_order": True}), Precision("32", "cpu"))
+    return run.sampler, run.learner, first
 
 
 def probe(cfg: DictConfig, tasks: int, eps: Sequence[float], dtype: torch.dtype = torch.float32) -> dict:

@@ -41,9 +41,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from metaseg.engine.evaluation.results import DatasetResult, Estimate
+from metaseg.engine.evaluation.summary import paired_difference
+from metaseg.utils.tables import markdown_table
+
 FOLDS = ["retina_drive", "retina_stare", "retina_chasedb1", "polyp_kvasir_seg"]
 ARMS = ["erm", "fomaml", "anil", "maml", "imaml", "erm_more", "scratch"]
-STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "imaml": "imaml", "erm_more": "erm"}  # arm -> meta stage algorithm
+# arm -> its meta stage's algorithm
+STAGED = {"fomaml": "fomaml", "anil": "anil", "maml": "maml", "imaml": "imaml", "erm_more": "erm"}
 BASE = "erm"  # the run every staged arm starts from
 ZERO_SHOT = "zero_shot"  # OUT/FOLD/erm/zero_shot: erm scored on every held-out image, no adaptation
 
@@ -181,42 +186,35 @@ def arm_budget(fold: str, arm: str, runs: dict) -> dict:
     if arm not in STAGED or not runs.get((fold, BASE)):
         return dict(own)
     base = runs[fold, BASE]["budget"]
-    return {key: base.get(key, 0) + own.get(key, 0) for key in set(base) | set(own)}
+    return {key: base.get(key, 0) + own.get(key, 0) for key in dict.fromkeys([*base, *own])}  # in a fixed order
 
 
 def summary(run: dict, fold: str) -> dict:
     """What the tables show of one run on its held-out set: dataset-level foreground Dice."""
-    d = run["result"]["datasets"][fold]
-    out = {"zero_shot": d["zero_shot"]["fg_dice"], "shots": {}, "curve": d.get("curve"),
+    d = DatasetResult.from_dict(run["result"]["datasets"][fold])
+    out = {"zero_shot": d.zero_shot.get("fg_dice"), "shots": {}, "curve": d.curve.to_dict() if d.curve else None,
            "tune": (run["result"].get("tune") or {}).get("chosen")}
     if run.get("zero_shot_all"):
-        z = run["zero_shot_all"]["datasets"][fold]
-        out["zero_shot_all"] = {"fg_dice": z["zero_shot"]["fg_dice"], "images": z["scored"]}
-    for k in (k for k in d.get("adapted", {}) if k.isdigit()):
-        out["shots"][k] = {key: d["adapted"][k]["fg_dice"][key] for key in ("mean", "ci95")}
-        out["shots"][k]["per_episode"] = [ep["fg_dice"] for ep in d["adapted"][k]["per_episode"]]
+        z = DatasetResult.from_dict(run["zero_shot_all"]["datasets"][fold])
+        out["zero_shot_all"] = {"fg_dice": z.zero_shot.get("fg_dice"), "images": z.scored}
+    for k, shot in d.adapted.items():
+        dice = shot.get("fg_dice")
+        out["shots"][str(k)] = {"mean": dice.mean, "ci95": dice.ci95, "per_episode": shot.values("fg_dice")}
     return out
 
 
-def paired(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
-    """Mean and 95% CI of a - b episode by episode. Every arm draws the same seeded episodes
-    (supports and queries), so the difference removes the episodes' own spread, which an
-    unpaired comparison of two intervals would count twice. None without per-episode values."""
-    from metaseg.metrics import mean_ci95
-
-    x, y = (a or {}).get("per_episode"), (b or {}).get("per_episode")
-    if not x or not y or len(x) != len(y):
-        return None
-    m = mean_ci95([u - v for u, v in zip(x, y)])
-    return {"mean": m["mean"], "ci95": m["ci95"]}
+def paired(a: Optional[dict], b: Optional[dict]) -> Optional[Estimate]:
+    """The paired difference a - b (``summary.paired_difference``) of two table cells of results.json:
+    every arm draws the same seeded episodes, so their per-episode values pair up."""
+    return paired_difference((a or {}).get("per_episode"), (b or {}).get("per_episode"))
 
 
-def diff_cell(d: Optional[dict]) -> str:
+def diff_cell(d: Optional[Estimate]) -> str:
     """A paired difference, bold where the interval excludes 0."""
     if d is None:
         return "–"
-    text = f"{d['mean']:+.3f} ± {d['ci95']:.3f}"
-    return f"**{text}**" if abs(d["mean"]) > d["ci95"] else text
+    text = f"{d.mean:+.3f} ± {d.ci95:.3f}"
+    return f"**{text}**" if abs(d.mean) > d.ci95 else text
 
 
 def cell(stats: Optional[dict]) -> str:
@@ -227,54 +225,60 @@ def curve_at(s: dict, k: str, steps: str) -> Optional[dict]:
     return ((s.get("curve") or {}).get("shots", {}).get(k) or {}).get(steps)
 
 
+def section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A results.md section: its title line, a blank line, the table."""
+    return [title, "", *markdown_table(header, rows)]
+
+
 def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
     runs = {(f, a): read_run(out / f / a) for f in folds for a in arms}
     record = {f"{f}/{a}": {**summary(r, f), "budget": arm_budget(f, a, runs), "seconds": r["seconds"]}
               for (f, a), r in runs.items() if r is not None}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    head = "| arm | " + " | ".join(folds) + " |"
-    rule = "|---" * (1 + len(folds)) + "|"
-    lines = [f"### Held-out {k}-shot foreground Dice, adaptation tuned on validation tasks (dataset-level, "
-             f"mean ± 95% CI over episodes)", "", head, rule]
-    lines += [f"| {a} | " + " | ".join(cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k))
-                                       for f in folds) + " |" for a in arms]
-    lines += ["", f"### {BASE} zero-shot foreground Dice on every held-out image (dataset-level, half-overlapping "
-              f"windows, whole image: no field-of-view mask)", "", head, rule]
-    lines.append(f"| {BASE} | " + " | ".join(
-        f"{z['fg_dice']:.3f} ({z['images']} images)" if (z := (record.get(f"{f}/{BASE}") or {}).get("zero_shot_all"))
-        else "–" for f in folds) + " |")
-    lines += ["", "### Zero-shot foreground Dice in the protocol (its first eval.max_images held-out images)", "",
-              head, rule]
-    lines += [f"| {a} | " + " | ".join(f"{record[f'{f}/{a}']['zero_shot']:.3f}" if f"{f}/{a}" in record else "–"
-                                       for f in folds) + " |" for a in arms]
+    head = ["arm", *folds]
+
+    def at(arm: str, fold: str) -> dict:
+        return record.get(f"{fold}/{arm}") or {}
+
+    lines = section(f"### Held-out {k}-shot foreground Dice, adaptation tuned on validation tasks (dataset-level, "
+                    f"mean ± 95% CI over episodes)", head,
+                    [[a, *[cell(at(a, f).get("shots", {}).get(k)) for f in folds]] for a in arms])
+    lines += ["", *section(f"### {BASE} zero-shot foreground Dice on every held-out image (dataset-level, "
+                           f"half-overlapping windows, whole image: no field-of-view mask)", head,
+                           [[BASE, *[f"{z['fg_dice']:.3f} ({z['images']} images)"
+                                     if (z := at(BASE, f).get("zero_shot_all")) else "–" for f in folds]]])]
+    lines += ["", *section("### Zero-shot foreground Dice in the protocol (its first eval.max_images held-out images)",
+                           head, [[a, *[f"{at(a, f)['zero_shot']:.3f}" if at(a, f) else "–" for f in folds]]
+                                  for a in arms])]
     for steps in ("0", "1", "10"):
-        lines += ["", f"### {k}-shot Dice after {steps} adaptation step(s) (adaptation curve"
-                  + ("; 0: the same queries unadapted)" if steps == "0" else ")"), "", head, rule]
-        lines += [f"| {a} | " + " | ".join(cell(curve_at(record.get(f"{f}/{a}") or {}, k, steps))
-                                           for f in folds) + " |" for a in arms]
-    lines += ["", f"### Gain of adaptation: {k}-shot at the tuned steps minus the same queries unadapted "
-              "(paired over episodes; bold: the interval excludes 0)", "", head, rule]
-    lines += [f"| {a} | " + " | ".join(
-        diff_cell(paired((r := record.get(f"{f}/{a}") or {}).get("shots", {}).get(k), curve_at(r, k, "0")))
-        for f in folds) + " |" for a in arms]
+        title = (f"### {k}-shot Dice after {steps} adaptation step(s) (adaptation curve"
+                 + ("; 0: the same queries unadapted)" if steps == "0" else ")"))
+        lines += ["", *section(title, head, [[a, *[cell(curve_at(at(a, f), k, steps)) for f in folds]] for a in arms])]
+    lines += ["", *section(f"### Gain of adaptation: {k}-shot at the tuned steps minus the same queries unadapted "
+                           "(paired over episodes; bold: the interval excludes 0)", head,
+                           [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(k), curve_at(at(a, f), k, "0")))
+                                  for f in folds]] for a in arms])]
     for steps in ("tuned", "1", "10"):
         where = "at each arm's tuned steps" if steps == "tuned" else f"after {steps} adaptation step(s)"
-        lines += ["", f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, {where} "
-                  "(paired; bold: the interval excludes 0)", "", head, rule]
-        for a in (a for a in arms if a != BASE):
-            def at(f, arm):
-                r = record.get(f"{f}/{arm}") or {}
-                return r.get("shots", {}).get(k) if steps == "tuned" else curve_at(r, k, steps)
-            lines.append(f"| {a} | " + " | ".join(diff_cell(paired(at(f, a), at(f, BASE))) for f in folds) + " |")
-    lines += ["", "### Budget (staged arms include their erm run) and chosen adaptation", "",
-              "| fold | arm | outer steps | forward images | train s | run s | tuned α, steps |",
-              "|---|---|---|---|---|---|---|"]
+
+        def score(arm: str, fold: str) -> Optional[dict]:
+            r = at(arm, fold)
+            return r.get("shots", {}).get(k) if steps == "tuned" else curve_at(r, k, steps)
+
+        lines += ["", *section(f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, {where} "
+                               "(paired; bold: the interval excludes 0)", head,
+                               [[a, *[diff_cell(paired(score(a, f), score(BASE, f))) for f in folds]]
+                                for a in arms if a != BASE])]
+    budget_rows = []
     for key, r in record.items():
         b, t = r["budget"], r["tune"] or {}
         f, a = key.split("/")
-        lines.append(f"| {f} | {a} | {b.get('outer_steps', 0)} | {b.get('forward_images', 0)} | "
-                     f"{b.get('train_seconds', 0):.0f} | {r['seconds']:.0f} | {t.get('adapt_lr')}, "
-                     f"{t.get('adapt_steps')} |")
+        budget_rows.append([f, a, b.get("outer_steps", 0), b.get("forward_images", 0),
+                            f"{b.get('train_seconds', 0):.0f}", f"{r['seconds']:.0f}",
+                            f"{t.get('adapt_lr')}, {t.get('adapt_steps')}"])
+    lines += ["", *section("### Budget (staged arms include their erm run) and chosen adaptation",
+                           ["fold", "arm", "outer steps", "forward images", "train s", "run s", "tuned α, steps"],
+                           budget_rows)]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "summary.md").write_text(summary_table(out, folds, arms, k))  # the README's short table
@@ -286,21 +290,21 @@ def summary_table(out: Path, folds: list[str], arms: list[str], k: str = "5") ->
     its CI, then the best arm after 1 and after 10 adaptation steps (curve), from results.json."""
     record = json.loads((out / "results.json").read_text())
     short = {"retina_drive": "DRIVE", "retina_stare": "STARE", "retina_chasedb1": "CHASE", "polyp_kvasir_seg": "polyps"}
-    lines = ["| arm | " + " | ".join(short.get(f, f) for f in folds) + " |", "|---" * (1 + len(folds)) + "|"]
+    rows = []
     if BASE in arms:
-        lines.append(f"| {BASE}, zero-shot (every image) | " + " | ".join(
+        rows.append([f"{BASE}, zero-shot (every image)", *[
             f"{z['fg_dice']:.3f}" if (z := (record.get(f"{f}/{BASE}") or {}).get("zero_shot_all")) else "–"
-            for f in folds) + " |")
+            for f in folds]])
     for a in arms:
-        lines.append(f"| {a}, {k}-shot (tuned steps) | " + " | ".join(
-            cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k)) for f in folds) + " |")
+        rows.append([f"{a}, {k}-shot (tuned steps)",
+                     *[cell((record.get(f"{f}/{a}") or {}).get("shots", {}).get(k)) for f in folds]])
     for steps in ("1", "10"):
         cells = []
         for f in folds:
             scored = [(s["mean"], a) for a in arms if (s := curve_at(record.get(f"{f}/{a}") or {}, k, steps))]
             cells.append(f"{max(scored)[1]} {max(scored)[0]:.3f}" if scored else "–")
-        lines.append(f"| best arm, {k}-shot after {steps} step{'s' if steps != '1' else ''} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"best arm, {k}-shot after {steps} step{'s' if steps != '1' else ''}", *cells])
+    return "\n".join(markdown_table(["arm", *[short.get(f, f) for f in folds]], rows)) + "\n"
 
 
 def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> Optional[Path]:
@@ -336,7 +340,8 @@ def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> O
                             yerr=[zero["ci95"], *[table[q]["ci95"] for q in ks]], marker="o", capsize=3, label=arm)
         row[0].set(xscale="log", xlabel=f"adaptation steps ({k}-shot; 0 drawn at 0.5)", ylabel="foreground Dice",
                    title=f"held out: {fold}")
-        row[1].set(xlabel=f"shots k (at the tuned steps; 0: no adaptation, the {k}-shot queries)", ylabel="foreground Dice", title=fold)
+        row[1].set(xlabel=f"shots k (at the tuned steps; 0: no adaptation, the {k}-shot queries)",
+                   ylabel="foreground Dice", title=fold)
         row[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"

@@ -10,11 +10,14 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
-from metaseg.meta import (ALGORITHMS, ANIL, ERM, FOMAML, MLDG, DivergenceError, MetaLearner, MetaSGD,
+from metaseg.config import MetaConfig
+from metaseg.meta import (ALGORITHMS, ANIL, ERM, FOMAML, IMAML, MAML, MLDG, DivergenceError, MetaLearner, MetaSGD,
                           OuterSettings, Reptile)
+from metaseg.meta.from_config import validate_meta
 from metaseg.meta.inner import select_parameters
 from metaseg.meta.mamlpp import first_order_at, multi_step_weights, outer_lr_at
 from metaseg.utils.errors import ConfigError
@@ -122,7 +125,8 @@ def test_anil_matches_finite_differences():
 
         def f(sign):
             shifted = {n: (base[n] + sign * eps * d[n]).requires_grad_() for n in base}
-            phi = unroll(model, shifted, support, 2, lambda k, n: ALPHA, create_graph=False, names=["6.weight", "6.bias"])
+            phi = unroll(model, shifted, support, 2, lambda k, n: ALPHA, create_graph=False,
+                         names=["6.weight", "6.bias"])
             return loss_at(model, phi[-1], query).item()
         numeric = (f(1) - f(-1)) / (2 * eps)
         analytic = sum((got[n] * d[n]).sum() for n in base).item()
@@ -219,7 +223,7 @@ def test_meta_state_round_trip_and_mismatch():
     with pytest.raises(CheckpointError, match="no meta_state.step_sizes"):
         other.load_meta_state_dict({})
     with pytest.raises(CheckpointError, match="does not use them"):
-        MetaLearner(tiny_net(), inner_lr=ALPHA, inner_steps=2).load_meta_state_dict(state)
+        MAML(tiny_net(), inner_lr=ALPHA, inner_steps=2).load_meta_state_dict(state)
 
 
 # -- MAML++ -------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def test_multi_step_weights_anneal_to_the_last_step():
 def test_multi_step_loss_matches_weighted_reference():
     model = tiny_net()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_anneal_steps=10)
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_anneal_steps=10)
     loss, got = grads_of(learner, support, query, step=4)
     w = multi_step_weights(4, 3, 10)
     params = leaves(model)
@@ -251,7 +255,7 @@ def test_multi_step_loss_matches_weighted_reference():
 def test_derivative_order_annealing_switches_at_the_given_step():
     model = tiny_net()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=2, first_order_until=5)
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=2, first_order_until=5)
     _, early = grads_of(learner, support, query, step=5)
     _, late = grads_of(learner, support, query, step=6)
     params = leaves(model)
@@ -270,7 +274,7 @@ def test_cosine_beta_schedule_is_set_on_the_optimizer():
     assert outer_lr_at(100, 0.01, "cosine", 100, 0.001) == pytest.approx(0.001, abs=1e-5)
     assert outer_lr_at(7, 0.01, "constant", 100) == 0.01
     model = tiny_net()
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=1,
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=1,
                           outer=OuterSettings(lr=0.01, schedule="cosine", max_steps=100, meta_batch=1))
     opt = learner.make_optimizer()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -285,9 +289,9 @@ def test_meta_step_averages_task_meta_gradients():
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     refs = []
     for t in (t1, t2):
-        ref_learner = MetaLearner(copy.deepcopy(model), inner_lr=ALPHA, inner_steps=2)
+        ref_learner = MAML(copy.deepcopy(model), inner_lr=ALPHA, inner_steps=2)
         refs.append(grads_of(ref_learner, t.support, t.query)[1])
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=2, outer=OuterSettings(lr=0.5, meta_batch=2))
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=2, outer=OuterSettings(lr=0.5, meta_batch=2))
     opt = torch.optim.SGD(learner.parameters(), lr=0.5)
     stats = learner.meta_step(FixedTasks(t1, t2), opt, torch.amp.GradScaler("cpu", enabled=False), 1, log=True)
     for n, p in model.named_parameters():
@@ -303,8 +307,8 @@ def test_non_finite_task_is_skipped_and_three_in_a_row_stop_the_run():
     (sx, sy), query = task(seed=2)
     bad = T((sx * float("nan"), sy), query)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, ref = grads_of(MetaLearner(copy.deepcopy(model), inner_lr=ALPHA, inner_steps=1), good.support, good.query)
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=1, outer=OuterSettings(lr=0.1, meta_batch=2))
+    _, ref = grads_of(MAML(copy.deepcopy(model), inner_lr=ALPHA, inner_steps=1), good.support, good.query)
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=1, outer=OuterSettings(lr=0.1, meta_batch=2))
     opt = torch.optim.SGD(learner.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stats = learner.meta_step(FixedTasks(good, bad), opt, scaler, 1)
@@ -323,7 +327,7 @@ def test_clip_grad_bounds_the_outer_step():
     model = tiny_net()
     t = T(*task())
     theta = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=1, outer=OuterSettings(lr=1.0, clip_grad=1e-3))
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=1, outer=OuterSettings(lr=1.0, clip_grad=1e-3))
     opt = torch.optim.SGD(learner.parameters(), lr=1.0)
     stats = learner.meta_step(FixedTasks(t), opt, torch.amp.GradScaler("cpu", enabled=False), 1)
     moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - theta).norm().item()
@@ -342,7 +346,7 @@ def test_unused_parameters_stay_put_in_second_order():
 
     model = WithUnused()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=ALPHA, inner_steps=2)
+    learner = MAML(model, inner_lr=ALPHA, inner_steps=2)
     learner.outer_loss(support, query).backward()
     assert model.spare.weight.grad is None and model.net[0].weight.grad is not None
     adapted = learner.adapt(*support)
@@ -418,17 +422,31 @@ def test_erm_makes_k_plus_one_adam_updates_on_the_same_batches():
     assert {"query_loss_before", "query_loss_after", "support_loss_before", "support_loss_after"} <= set(stats)
 
 
-def test_every_algorithm_is_reachable_from_metalearner():
+def test_every_algorithm_is_in_the_one_registry():
     assert set(ALGORITHMS) == {"maml", "fomaml", "anil", "metasgd", "reptile", "mldg", "erm", "imaml"}
+    assert ALGORITHMS["maml"] is MAML
     for name, cls in ALGORITHMS.items():
         extra = {"inner_params": ["-1"]} if name == "anil" else {}  # ANIL's default names smp modules
-        learner = MetaLearner.create(name, tiny_net(), inner_lr=ALPHA, inner_steps=1, **extra)
+        learner = ALGORITHMS[name](tiny_net(), inner_lr=ALPHA, inner_steps=1, **extra)
         assert isinstance(learner, MetaLearner) and type(learner) is cls and learner.name == name
         loss = learner.outer_loss(*task())
         loss.backward()
         assert torch.isfinite(loss) and learner.model[0].weight.grad is not None
-    with pytest.raises(ValueError, match="reptyle"):
-        MetaLearner.create("reptyle", tiny_net(), inner_lr=ALPHA, inner_steps=1)
+    with pytest.raises(ConfigError, match="reptyle"):
+        validate_meta(OmegaConf.structured(MetaConfig(algorithm="reptyle")))
+
+
+def test_the_base_learner_adapts_but_is_no_algorithm():
+    """MAML's variants are MAML; Reptile and ERM share only the base learner, which has no objective of its own."""
+    assert all(issubclass(cls, MAML) for cls in (FOMAML, ANIL, MetaSGD, MLDG, IMAML))
+    assert not issubclass(Reptile, MAML) and not issubclass(ERM, MAML) and issubclass(MAML, MetaLearner)
+    assert Reptile(tiny_net(), inner_lr=ALPHA, inner_steps=1).first_order  # declared first order only
+    base = MetaLearner(tiny_net(), inner_lr=ALPHA, inner_steps=1)
+    support, query = task()
+    assert torch.equal(base.adapt(*support)[0].weight,
+                       MAML(tiny_net(), inner_lr=ALPHA, inner_steps=1).adapt(*support)[0].weight)
+    with pytest.raises(NotImplementedError, match="no outer objective"):
+        base.outer_loss(support, query)
 
 
 def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient():
@@ -440,7 +458,7 @@ def test_anil_reuses_frozen_encoder_outputs_without_changing_the_meta_gradient()
     support, query = [(x.double(), y) for x, y in synthetic_task(n=2)]
     calls = []
     model.encoder.conv1.register_forward_hook(lambda *a: calls.append(1))  # runs only when computed
-    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # the higher backend reuses too (test_bench_scripts)
+    learner = ANIL(model, inner_lr=ALPHA, inner_steps=3, backend="func")  # higher reuses too (test_bench_scripts)
     assert model.encoder in learner.inner.frozen and model.decoder.blocks[0] in learner.inner.frozen
     _, reused = grads_of(learner, support, query)
     assert len(calls) == 2  # the support batch once for all three inner steps, the query once
@@ -457,7 +475,7 @@ def test_maml_matches_higher_as_an_independent_implementation():
     higher = pytest.importorskip("higher")
     model = tiny_net()
     support, query = task()
-    _, got = grads_of(MetaLearner(model, inner_lr=ALPHA, inner_steps=2), support, query)
+    _, got = grads_of(MAML(model, inner_lr=ALPHA, inner_steps=2), support, query)
     ref_model = copy.deepcopy(model)
     with higher.innerloop_ctx(ref_model, torch.optim.SGD(ref_model.parameters(), lr=ALPHA),
                               copy_initial_weights=False) as (fmodel, diffopt):

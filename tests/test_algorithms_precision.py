@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metaseg.data.synthetic import synthetic_task
-from metaseg.meta import MetaLearner, OuterSettings, Precision
+from metaseg.meta import ALGORITHMS, MAML, OuterSettings, Precision
 from metaseg.models import build_model
 from tests.test_meta_gradient import task, tiny_net
 from tests.test_precision import SMALL, close
@@ -34,7 +34,7 @@ def meta_grad(name, precision):
     torch.manual_seed(0)
     model = build_model(SMALL, 4)
     support, query = synthetic_task()
-    learner = MetaLearner.create(name, model, inner_lr=0.05, inner_steps=1, precision=precision)
+    learner = ALGORITHMS[name](model, inner_lr=0.05, inner_steps=1, precision=precision)
     loss = learner.outer_loss(support, query)
     (loss * precision.scale).backward()  # what GradScaler does to the outer loss
     return loss.item(), torch.cat([p.grad.flatten() / precision.scale for p in learner.parameters()])
@@ -57,8 +57,8 @@ def one_step(name, mode, scale=1024.0):
     support, query = task(dtype=torch.float32, size=16)
     kw = {"inner_params": ["-1"]} if name == "anil" else {}
     precision = Precision(mode, init_scale=scale)
-    learner = MetaLearner.create(name, model, inner_lr=0.1, inner_steps=2, precision=precision,
-                                 outer=OuterSettings(lr=0.05, meta_batch=1), **kw)
+    learner = ALGORITHMS[name](model, inner_lr=0.1, inner_steps=2, precision=precision,
+                               outer=OuterSettings(lr=0.05, meta_batch=1), **kw)
     opt = torch.optim.SGD(learner.parameters(), lr=0.05)
     scaler = precision.grad_scaler()
     sampler = type("S", (), {"sample": lambda self: type("T", (), {"support": support, "query": query})()})()
@@ -93,8 +93,8 @@ def test_bf16_adapt_is_close_to_fp32():
     torch.manual_seed(0)
     model = build_model(SMALL, 4)
     support, _ = synthetic_task()
-    a32 = MetaLearner(model, inner_lr=0.05, inner_steps=2).adapt(*support)
-    abf = MetaLearner(copy.deepcopy(model), inner_lr=0.05, inner_steps=2, precision=Precision("bf16")).adapt(*support)
+    a32 = MAML(model, inner_lr=0.05, inner_steps=2).adapt(*support)
+    abf = MAML(copy.deepcopy(model), inner_lr=0.05, inner_steps=2, precision=Precision("bf16")).adapt(*support)
     with torch.no_grad():
         d32 = torch.cat([(a - p).flatten() for a, p in zip(a32.parameters(), model.parameters())])
         dbf = torch.cat([(a - p).flatten() for a, p in zip(abf.parameters(), model.parameters())])

@@ -17,7 +17,7 @@ from metaseg.data.tasks import TaskSampler
 from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 from metaseg.engine.training.trainer import train
-from metaseg.meta import DivergenceError, MetaLearner, SecondOrderError, second_order_problem
+from metaseg.meta import MAML, DivergenceError, SecondOrderError, second_order_problem
 from metaseg.utils.errors import ConfigError
 from tests.conftest import ROOT, compose_cfg
 from tests.test_meta_gradient import loss_fn
@@ -119,7 +119,7 @@ def test_missing_double_backward_at_the_outer_step_is_a_user_error():
     model = Wrapped(nn.Hardsigmoid())
     x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (2, 8, 8))
     task = type("T", (), {"support": (x, y), "query": (x, y)})()
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1)
+    learner = MAML(model, inner_lr=0.1, inner_steps=1)
     opt = learner.make_optimizer()
     sampler = type("S", (), {"sample": lambda self: task})()
     with pytest.raises(SecondOrderError, match="hardsigmoid.*meta.first_order=true"):
@@ -163,7 +163,8 @@ class Tagged(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return torch.tensor([self.tag, i, 0.0]).view(3, 1, 1).expand(3, 2, 2).clone(), torch.zeros(2, 2, dtype=torch.long)
+        image = torch.tensor([self.tag, i, 0.0]).view(3, 1, 1).expand(3, 2, 2).clone()
+        return image, torch.zeros(2, 2, dtype=torch.long)
 
 
 def sources(batch):

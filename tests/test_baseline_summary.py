@@ -13,12 +13,13 @@ from omegaconf import OmegaConf
 from metaseg.config import EvalConfig, MetaConfig, ModelConfig
 from metaseg.data.mix import Normalized
 from metaseg.data.synthetic import SyntheticDomain
-from metaseg.engine.build import make_learner
 from metaseg.engine.evaluation import checkpoint_eval, summary
-from metaseg.engine.evaluation.baseline import evaluate_baseline, random_init
+from metaseg.engine.evaluation.baseline import evaluate_baseline
 from metaseg.engine.evaluation.protocol import episode_rng, evaluate_dataset
+from metaseg.engine.load import random_init
 from metaseg.engine.training.stages import stage_config
 from metaseg.engine.training.trainer import train
+from metaseg.meta.from_config import make_learner
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import _plain, seed_everything

@@ -2,7 +2,7 @@
 
 import torch
 
-from metaseg.meta import MetaLearner
+from metaseg.meta import MAML
 from metaseg.models.factory import build_model, set_norm
 from metaseg.config import ModelConfig
 from tests.test_meta_gradient import task, tiny_net
@@ -31,7 +31,7 @@ def test_no_running_stats_and_batch_statistics_in_eval_mode():
 def test_tasks_do_not_leak_into_stored_model():
     model = small_unet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    learner = MetaLearner(model, inner_lr=0.5, inner_steps=2)
+    learner = MAML(model, inner_lr=0.5, inner_steps=2)
     (s_x, s_y), (q_x, q_y) = task(n=2, size=32)
     learner.outer_loss((s_x * 5 + 3, s_y), (q_x, q_y)).backward()  # a task with very different stats
     learner.adapt(s_x * 5 + 3, s_y)
@@ -52,6 +52,6 @@ def test_group_norm_option_replaces_batchnorm():
 
 def test_set_norm_keeps_tiny_net_trainable():
     net = set_norm(tiny_net(), "batch")
-    learner = MetaLearner(net, inner_lr=0.1, inner_steps=1)
+    learner = MAML(net, inner_lr=0.1, inner_steps=1)
     learner.outer_loss(*task()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

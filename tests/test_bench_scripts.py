@@ -12,8 +12,8 @@ import torch
 
 from metaseg.config import ModelConfig
 from metaseg.data.synthetic import synthetic_task
-from metaseg.engine.build import make_learner, validate_meta
-from metaseg.meta import ANIL, MetaLearner, Precision
+from metaseg.meta import ALGORITHMS, ANIL, MAML, Precision
+from metaseg.meta.from_config import make_learner, validate_meta
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 from tests.conftest import ROOT
@@ -73,8 +73,8 @@ def test_checkpoint_inner_gives_identical_meta_gradients(backend, algorithm, ext
     out = {}
     for ckpt in (False, True):
         model = tiny_net()
-        learner = MetaLearner.create(algorithm, model, inner_lr=0.2, inner_steps=3, backend=backend,
-                                     checkpoint_inner=ckpt, **extra)
+        learner = ALGORITHMS[algorithm](model, inner_lr=0.2, inner_steps=3, backend=backend,
+                                       checkpoint_inner=ckpt, **extra)
         loss = learner.outer_loss(support, query)
         loss.backward()
         out[ckpt] = (loss.detach(), [p.grad.clone() for p in learner.parameters()], dict(learner.last_stats))
@@ -90,7 +90,7 @@ def test_checkpoint_inner_on_smp_unet_matches_without():
     for ckpt in (False, True):
         torch.manual_seed(0)
         model = build_model(ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]}), 4).double()
-        MetaLearner(model, inner_lr=0.05, inner_steps=2, checkpoint_inner=ckpt).outer_loss(support, query).backward()
+        MAML(model, inner_lr=0.05, inner_steps=2, checkpoint_inner=ckpt).outer_loss(support, query).backward()
         grads[ckpt] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert torch.allclose(grads[False], grads[True], rtol=1e-10, atol=1e-14)
 

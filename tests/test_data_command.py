@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metaseg.data.validate import inspect_data
+from metaseg.data.check import inspect_data
 from metaseg.utils.errors import DataError
 from tests.conftest import compose_cfg
 from tests.data_fixtures import folder_dataset

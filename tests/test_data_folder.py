@@ -9,9 +9,10 @@ from PIL import Image
 
 import metaseg.data.pairs as pairs_mod
 from metaseg.data import build_mix
-from metaseg.data.labels import IGNORE, build_label_map
+from metaseg.data.labels import build_label_map
 from metaseg.data.transforms import JointTransform
 from metaseg.utils.errors import ConfigError
+from metaseg.utils.masks import IGNORE
 from tests.conftest import compose_cfg
 from tests.data_fixtures import folder_dataset, half_mask
 
@@ -95,12 +96,12 @@ def test_splits_groups_and_max_images(tmp_path):
                    groups={"site": ["a", "a", "b", "b", "c", "c"]})
     cfg = folder_cfg(tmp_path, "data.datasets.folder.split=[train]")
     ds = build_mix(cfg, need_train=False).heldout["folder"]
-    assert ds.info()["splits"] == {"train": 3} and [p.stem for p in ds.source.pairs] == ["img0", "img2", "img4"]
+    assert ds.info()["splits"] == {"train": 3} and [p.stem for p in ds.base.pairs] == ["img0", "img2", "img4"]
     cfg = folder_cfg(tmp_path, "data.datasets.folder.groups={site:[b,c]}")
-    assert [p.stem for p in build_mix(cfg, need_train=False).heldout["folder"].source.pairs] == [
+    assert [p.stem for p in build_mix(cfg, need_train=False).heldout["folder"].base.pairs] == [
         "img2", "img3", "img4", "img5"]
     cfg = folder_cfg(tmp_path, "data.max_images=3")  # evenly spaced over the sorted stems
-    assert [p.stem for p in build_mix(cfg, need_train=False).heldout["folder"].source.pairs] == [
+    assert [p.stem for p in build_mix(cfg, need_train=False).heldout["folder"].base.pairs] == [
         "img0", "img2", "img5"]
     with pytest.raises(ConfigError, match=r"groups.csv has no column 'sequence' \(has \['site'\]\)"):
         build_mix(folder_cfg(tmp_path, "data.datasets.folder.groups={sequence:[x]}"), need_train=False)
@@ -163,9 +164,9 @@ def test_training_datasets_are_augmented_heldout_ones_are_not(tmp_path):
     mix = build_mix(cfg.data)
     assert list(mix.train) == ["retina_drive", "retina_chasedb1"] and list(mix.heldout) == ["retina_stare"]
     train, held = mix.train["retina_drive"], mix.heldout["retina_stare"]
-    assert train.source.augmented and not held.source.augmented
-    assert train.source.images[0].shape[-2:] == (16, 16)  # cached at 2 x size for crops
-    assert held.source.images[0].shape[-2:] == (8, 8)  # cached at size: resize-only
+    assert train.base.augmented and not held.base.augmented
+    assert train.base.images[0].shape[-2:] == (16, 16)  # cached at 2 x size for crops
+    assert held.base.images[0].shape[-2:] == (8, 8)  # cached at size: resize-only
     assert torch.equal(held[0][0], held[0][0])
     assert not all(torch.equal(train[0][0], train[0][0]) for _ in range(3))
 

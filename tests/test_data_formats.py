@@ -7,8 +7,8 @@ from PIL import Image
 
 from metaseg.data import TaskSampler, build_mix
 from metaseg.data.cityscapes import LABEL_TO_TRAIN
-from metaseg.data.labels import IGNORE
 from metaseg.utils.errors import ConfigError, DataError
+from metaseg.utils.masks import IGNORE
 from tests.conftest import compose_cfg
 from tests.data_fixtures import half_mask, rgb
 
@@ -67,7 +67,7 @@ def test_cityscapes_label_ids_map_to_train_ids_and_cities_select(tmp_path):
                                 "data.datasets.cityscapes_train.folders=[bremen]"]).data
     mix = build_mix(cfg)
     assert len(mix.train["cityscapes_train"]) == 2 and len(mix.heldout["cityscapes_val"]) == 2
-    assert all("bremen" in p.stem for p in mix.train["cityscapes_train"].source.pairs)
+    assert all("bremen" in p.stem for p in mix.train["cityscapes_train"].base.pairs)
     _, mask = mix.heldout["cityscapes_val"].full_resolution(0)
     expect = [LABEL_TO_TRAIN.get(i, IGNORE) for i in range(18, 34)]
     assert mask[0].tolist() == expect  # e.g. 26 (car) -> 13, 18 (polegroup) -> ignore

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint, heldout_data
+from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 from metaseg.engine.heads import NewHeadLearner, head_conv, load_body, prototype_head
+from metaseg.engine.load import heldout_data
 from metaseg.engine.training.trainer import train
 from metaseg.models.factory import build_model
 from tests.conftest import compose_cfg
@@ -57,8 +58,8 @@ def test_prototype_head_is_the_nearest_prototype_classifier():
 def test_new_head_learner_adapts_from_prototypes_and_leaves_the_model_alone():
     torch.manual_seed(1)
     learner_model = small_model(2)
-    from metaseg.meta.maml import MetaLearner
-    learner = NewHeadLearner(MetaLearner(learner_model, inner_lr=0.05, inner_steps=1))
+    from metaseg.meta import MAML
+    learner = NewHeadLearner(MAML(learner_model, inner_lr=0.05, inner_steps=1))
     before = {k: v.clone() for k, v in learner_model.state_dict().items()}
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
     adapted = learner.adapt(images, masks)

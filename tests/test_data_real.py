@@ -52,16 +52,16 @@ def test_label_mappings_match_the_files():
     # EM: the membrane is stored as 0 and becomes the foreground
     cfg = compose_cfg("train", ["data=em_isbi2012_membrane", ROOT, "data.max_images=2", "data.size=16"]).data
     ds = build_mix(cfg, need_train=False).heldout["em_isbi2012_membrane"]
-    stem = ds.source.pairs[0].stem
+    stem = ds.base.pairs[0].stem
     _, mask = ds.full_resolution(0)
     assert np.array_equal(mask.numpy(), (raw_mask("em_isbi2012_membrane", stem) == 0).astype(np.int64))
     # CamVid: 11 = void becomes ignore, the rest keep their index; sequences filter by groups.csv
     cfg = compose_cfg("train", ["data=camvid_sequences", ROOT, "data.max_images=2", "data.size=16"]).data
     mix = build_mix(cfg)
     for name, ds in {**mix.train, **mix.heldout}.items():
-        assert all(p.stem.startswith(name.split("_", 1)[1]) for p in ds.source.pairs)
+        assert all(p.stem.startswith(name.split("_", 1)[1]) for p in ds.base.pairs)
     ds = mix.heldout["camvid_0001TP"]
-    raw = raw_mask("scene_camvid", ds.source.pairs[1].stem).astype(np.int64)
+    raw = raw_mask("scene_camvid", ds.base.pairs[1].stem).astype(np.int64)
     assert np.array_equal(ds.full_resolution(1)[1].numpy(), np.where(raw == 11, 255, raw))
     # retina vessels are a small share of the pixels
     cfg = compose_cfg("train", ["data=retina_lodo", ROOT, "data.max_images=2", "data.size=64"]).data

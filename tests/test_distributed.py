@@ -31,9 +31,9 @@ import torch.multiprocessing as mp
 
 from metaseg.data.mix import build_mix
 from metaseg.engine import distributed
-from metaseg.engine.build import make_learner
 from metaseg.engine.evaluation.protocol import evaluate_heldout
 from metaseg.engine.training.trainer import train
+from metaseg.meta.from_config import make_learner
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 

@@ -12,10 +12,11 @@ from PIL import Image
 from metaseg.config import EvalConfig
 from metaseg.engine.evaluation import protocol
 from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
-from metaseg.engine.evaluation.protocol import evaluate_dataset, evaluate_heldout, score, validate_eval
+from metaseg.engine.evaluation.protocol import evaluate_dataset, evaluate_heldout, score
+from metaseg.engine.evaluation.settings import validate_eval
 from metaseg.engine.evaluation.validation import evaluate_validation
 from metaseg.engine.heads import NewHeadLearner, head_conv
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta import MAML
 from metaseg.meta.metasgd import MetaSGD
 from metaseg.meta.precision import Precision
 from metaseg.metrics import mean_ci95
@@ -50,9 +51,9 @@ def _learners():
     """Plain SGD on both backends, learned per-step rates (asked for more steps than trained),
     an adapted subset (its frozen modules memoised per chunk), and a new prototype head."""
     torch.manual_seed(0)
-    yield "maml-higher", MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=2), 0.5
+    yield "maml-higher", MAML(TinyNet(), inner_lr=0.5, inner_steps=2), 0.5
     torch.manual_seed(0)
-    yield "maml-func", MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=2, backend="func"), 0.5
+    yield "maml-func", MAML(TinyNet(), inner_lr=0.5, inner_steps=2, backend="func"), 0.5
     torch.manual_seed(0)
     sgd = MetaSGD(TinyNet(), inner_lr=0.5, inner_steps=2, per_element=True, per_step=True)
     with torch.no_grad():
@@ -60,13 +61,13 @@ def _learners():
             table.uniform_(0.1, 0.6)
     yield "metasgd-per-step", sgd, None
     torch.manual_seed(0)
-    yield "subset", MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=2, inner_params=["body.2"]), 0.5
+    yield "subset", MAML(TinyNet(), inner_lr=0.5, inner_steps=2, inner_params=["body.2"]), 0.5
     torch.manual_seed(0)
     model = build_model(compose_cfg("train", ["experiment=smoke", *SMALL_MODEL]).model, 2)
     with torch.no_grad():  # a new head starts at zero (heads.load_body)
         head_conv(model).weight.zero_()
         head_conv(model).bias.zero_()
-    yield "new-head", NewHeadLearner(MetaLearner(model, inner_lr=0.05, inner_steps=1)), 0.05
+    yield "new-head", NewHeadLearner(MAML(model, inner_lr=0.05, inner_steps=1)), 0.05
 
 
 @pytest.mark.parametrize("name,learner,lr", list(_learners()), ids=lambda v: v if isinstance(v, str) else "")
@@ -97,7 +98,7 @@ def test_fp16_restarts_keep_each_snapshot_equal_to_its_own_adaptation():
     they are finite; a snapshot counts only once no restart can follow it, as in its own run."""
     torch.manual_seed(0)
     precision = Precision("16", "cpu", init_scale=2.0**26)
-    learner = MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=2, precision=precision)
+    learner = MAML(TinyNet(), inner_lr=0.5, inner_steps=2, precision=precision)
     images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
     seen = {}
     learner.adapt(images, masks, steps=3, at=[0, 1, 3],
@@ -165,7 +166,7 @@ def test_curve_split_over_two_ranks_is_the_one_process_curve(heldout, monkeypatc
 
 def test_binary_curve_reports_foreground_dice():
     torch.manual_seed(0)
-    learner = MetaLearner(TinyNet(classes=2), inner_lr=0.5, inner_steps=2)
+    learner = MAML(TinyNet(classes=2), inner_lr=0.5, inner_steps=2)
     cfg = OmegaConf.structured(EvalConfig(shots=[1], episodes=2, batch_size=4, pictures=0, curve_steps=[0, 2]))
     result = evaluate_heldout(learner, {"vessels": FullRes()}, 2, cfg, CPU, 0, ["background", "vessel"])
     res = result["datasets"]["vessels"]

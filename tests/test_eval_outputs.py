@@ -13,7 +13,7 @@ from metaseg.config import EvalConfig
 from metaseg.engine.evaluation import report as eval_report
 from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 from metaseg.engine.evaluation.protocol import evaluate_heldout
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta import MAML
 from metaseg.utils.errors import ConfigError
 from tests.conftest import compose_cfg, run_cli, seeded_checkpoint
 from tests.test_eval_protocol import FullRes, TinyNet
@@ -150,7 +150,7 @@ def test_cli_checkpoint_none_with_a_list_of_shots(tmp_path):
 
 def test_binary_slide_mode_reports_foreground_scores_and_full_resolution_pictures(tmp_path):
     torch.manual_seed(0)
-    learner = MetaLearner(TinyNet(classes=2), inner_lr=0.5, inner_steps=1)
+    learner = MAML(TinyNet(classes=2), inner_lr=0.5, inner_steps=1)
     cfg = OmegaConf.structured(EvalConfig(shots=[1], episodes=2, batch_size=4, pictures=2, mode="slide"))
     result = evaluate_heldout(learner, {"bin": FullRes()}, 2, cfg, CPU, 0, ["background", "vessel"])
     res = result["datasets"]["bin"]
@@ -168,7 +168,7 @@ def test_binary_slide_mode_reports_foreground_scores_and_full_resolution_picture
 def test_pictures_with_max_images_show_query_images_outside_the_zero_shot_ones():
     """eval.max_images scores the first images zero-shot, but pictures show episode 0's query images."""
     torch.manual_seed(0)
-    learner = MetaLearner(TinyNet(classes=2), inner_lr=0.5, inner_steps=1)
+    learner = MAML(TinyNet(classes=2), inner_lr=0.5, inner_steps=1)
     cfg = OmegaConf.structured(EvalConfig(shots=[1], episodes=2, batch_size=4, pictures=2, mode="slide",
                                           max_images=1))
     ds = FullRes()
@@ -191,7 +191,7 @@ def test_tensorboard_gets_every_k_both_reductions_and_the_pictures(tmp_path):
     from metaseg.engine.training.trainer import _log_eval
 
     torch.manual_seed(0)
-    learner = MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=1)
+    learner = MAML(TinyNet(), inner_lr=0.5, inner_steps=1)
     ds = Normalized(SyntheticDomain(4, 8, 32, seed=0), [0.5] * 3, [0.25] * 3)
     cfg = OmegaConf.structured(EvalConfig(shots=[1, 2], episodes=2, batch_size=4, pictures=2))
     result = evaluate_heldout(learner, {"synth_4": ds}, 4, cfg, CPU, 0, ["a", "b", "c", "d"])

@@ -13,9 +13,11 @@ from metaseg.config import EvalConfig
 from metaseg.data.mix import Normalized
 from metaseg.data.synthetic import SyntheticDomain
 from metaseg.data.tasks import collate
-from metaseg.engine.evaluation.protocol import evaluate_dataset, score, shot_list, validate_eval
-from metaseg.engine.evaluation.scoring import predictions, slide_logits, window_starts
-from metaseg.meta.maml import MetaLearner
+from metaseg.data.view import SegmentationDataset
+from metaseg.engine.evaluation.protocol import evaluate_dataset, score
+from metaseg.engine.evaluation.settings import validate_eval
+from metaseg.engine.evaluation.scoring import predictions, slide, window_starts
+from metaseg.meta import MAML
 from metaseg.metrics import mean_ci95
 from metaseg.utils.errors import ConfigError
 from metaseg.utils.runtime import _plain
@@ -36,7 +38,7 @@ class TinyNet(nn.Module):
 
 def make_learner(seed=0):
     torch.manual_seed(seed)
-    return MetaLearner(TinyNet(), inner_lr=0.5, inner_steps=2)
+    return MAML(TinyNet(), inner_lr=0.5, inner_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +169,10 @@ def test_bad_eval_config_names_the_key(override, message):
 
 def test_shots_from_the_command_line():
     from tests.conftest import compose_cfg
-    assert shot_list(compose_cfg("eval", ["checkpoint=x", "eval.shots=5"]).eval) == [5]
-    assert shot_list(compose_cfg("eval", ["checkpoint=x", "eval.shots=[1,5,10]"]).eval) == [1, 5, 10]
-    assert shot_list(compose_cfg("train", ["eval.shots=[2,4]"]).eval) == [2, 4]
+    assert validate_eval(compose_cfg("eval", ["checkpoint=x", "eval.shots=5"]).eval).shots == (5,)
+    assert validate_eval(compose_cfg("eval", ["checkpoint=x", "eval.shots=[1,5,10]"]).eval).shots == (1, 5, 10)
+    assert validate_eval(compose_cfg("train", ["eval.shots=[2,4]"]).eval).shots == (2, 4)
+    assert validate_eval(compose_cfg("train", ["eval.shots=0"]).eval).shots == ()
 
 
 CALLS = []  # module-level: adaptation runs on deep copies of the model
@@ -192,7 +195,7 @@ def test_scoring_is_batched_under_inference_mode(heldout):
     CALLS.clear()
     score(model, heldout, list(range(10)), 4, CPU, 4, None)
     assert CALLS == [(4, True, False), (4, True, False), (2, True, False)]
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1)
+    learner = MAML(model, inner_lr=0.1, inner_steps=1)
     CALLS.clear()
     evaluate_dataset(learner, "synth_4", heldout, 4, eval_cfg(shots=2, episodes=1), CPU, seed=0)
     # zero-shot: 12 images in 3 batches; adaptation: one graph-building step on the 2 shots; query: 10 in 3
@@ -201,6 +204,14 @@ def test_scoring_is_batched_under_inference_mode(heldout):
 
 
 # -- sliding window -----------------------------------------------------------------------
+@torch.inference_mode()
+def slide_one(model, image, window, stride, batch_size):
+    """The averaged sliding-window logits (K, H, W) :func:`slide` gives one image (C, H, W)."""
+    [(_, logits, _)] = slide(model, iter([(0, image, torch.zeros(image.shape[-2:]))]), window, stride, batch_size,
+                             None)
+    return logits
+
+
 def test_window_starts_cover_the_image_and_end_at_the_border():
     assert window_starts(45, 16, 8) == [0, 8, 16, 24, 29]
     assert window_starts(37, 16, 8) == [0, 8, 16, 21]
@@ -213,7 +224,7 @@ def test_slide_equals_a_full_forward_for_a_pointwise_model(size):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 1)  # each pixel's logits depend on that pixel only
     image = torch.randn(3, *size)
-    got = slide_logits(conv, image, (16, 16), (8, 8), batch_size=3)
+    got = slide_one(conv, image, (16, 16), (8, 8), batch_size=3)
     with torch.no_grad():
         want = conv(image[None])[0]
     assert got.shape == want.shape
@@ -231,7 +242,7 @@ class WindowMean(nn.Module):
 def test_slide_averages_overlapping_windows():
     torch.manual_seed(1)
     image = torch.randn(3, 45, 37)
-    got = slide_logits(WindowMean(), image, (16, 16), (8, 8), batch_size=4)
+    got = slide_one(WindowMean(), image, (16, 16), (8, 8), batch_size=4)
     total, count = np.zeros((45, 37)), np.zeros((45, 37))
     x0 = image[0].numpy()
     for y in (0, 8, 16, 24, 29):
@@ -242,7 +253,7 @@ def test_slide_averages_overlapping_windows():
     np.testing.assert_allclose(got[1].numpy(), -total / count, rtol=1e-5, atol=1e-6)
 
 
-class FullRes(torch.utils.data.Dataset):
+class FullRes(SegmentationDataset):
     """Samples at 16 x 16; ``full_resolution`` at the original, larger size. Label = channel 0 > 0."""
 
     sizes = [(40, 56), (16, 16), (23, 70), (33, 33)]
@@ -292,7 +303,7 @@ def test_slide_batches_windows_across_images():
             assert pred.shape == mask.shape
     for i in range(4):
         image, _ = ds.full_resolution(i)
-        assert torch.equal(got[i], slide_logits(model, image, (16, 16), (8, 8), batch_size=1).argmax(0))
+        assert torch.equal(got[i], slide_one(model, image, (16, 16), (8, 8), batch_size=1).argmax(0))
 
 
 def test_slide_without_full_resolution_equals_resize(heldout):

@@ -7,8 +7,8 @@ import torch
 
 from metaseg.data import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine.build import make_learner
 from metaseg.engine.training.budget import Budget, run_budget
+from metaseg.meta.from_config import make_learner
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.runtime import seed_everything

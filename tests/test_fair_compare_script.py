@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "scripts"))  # as when run: the script imports its sibling step_cost.py
 spec = importlib.util.spec_from_file_location("fair_compare", ROOT / "scripts" / "fair_compare.py")
 fc = importlib.util.module_from_spec(spec)
 sys.modules["fair_compare"] = fc  # dataclasses look their module up
@@ -82,7 +83,7 @@ def test_time_arm_gets_the_steps_that_fit_in_maml_time(study):
 
 
 def test_cost_measurement_times_each_config_in_turn(monkeypatch):
-    from metaseg.engine import step_cost
+    import step_cost  # scripts/step_cost.py
 
     order = []
 

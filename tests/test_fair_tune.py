@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from metaseg.data import build_mix
-from metaseg.engine.build import make_learner
 from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 from metaseg.engine.evaluation.tune import tune_adaptation, tune_grid
+from metaseg.meta.from_config import make_learner
 from metaseg.meta.precision import Precision
 from metaseg.metrics import ConfusionMatrix
 from metaseg.models.factory import build_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metaseg.data import build_mix
-from metaseg.data.splits import Subset, validation_indices
+from metaseg.data.splits import SplitPart, validation_indices
 from metaseg.data.tasks import TaskSampler
 from metaseg.engine.checkpoint import load_checkpoint
 from metaseg.engine.training.trainer import train
@@ -26,7 +26,7 @@ def test_validation_images_never_appear_in_training_tasks_or_heldout():
     assert set(mix.val) == set(mix.train) == {"synth_0", "synth_1", "synth_2", "synth_3"}
     for name in mix.train:
         tr, va = mix.train[name], mix.val[name]
-        assert isinstance(tr, Subset) and isinstance(va, Subset) and tr.base is va.base
+        assert isinstance(tr, SplitPart) and isinstance(va, SplitPart) and tr.base is va.base
         # round(0.2 * 16) = 3 reserved, the rest trains; disjoint and covering the dataset
         assert len(va) == 3 and len(tr) == 13
         assert not set(tr.indices) & set(va.indices) and sorted(tr.indices + va.indices) == list(range(16))
@@ -58,7 +58,7 @@ def test_splits_csv_reserves_exactly_its_val_rows(tmp_path):
     mix = build_mix(cfg, validation=True)
     assert mix.val["folder"].indices == [1, 4] and mix.train["folder"].indices == [0, 2, 3, 5]
     assert mix.val_how["folder"].startswith("splits.csv")
-    stems = [mix.train["folder"].base.source.pairs[i].stem for i in mix.val["folder"].indices]
+    stems = [mix.train["folder"].base.base.pairs[i].stem for i in mix.val["folder"].indices]
     assert stems == ["img1", "img4"]
     # no val rows named: a seeded fraction instead; val_fraction=0: no split at all
     _, val, how = validation_indices("folder", mix.train["folder"].base, {**cfg, "val_splits": ["test"]})

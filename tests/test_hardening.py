@@ -23,8 +23,8 @@ from metaseg.data.labels import build_label_map
 from metaseg.engine.training.budget import Budget, read_budget
 from metaseg.engine.checkpoint import (
     LOCK, RunLock, claim_run_dir, digest, load_checkpoint, save_checkpoint)
-from metaseg.engine.evaluation.checkpoint_eval import checkpoint_model, read_checkpoint
 from metaseg.engine.evaluation.report import markdown_report
+from metaseg.engine.load import checkpoint_model, read_checkpoint
 from metaseg.engine.prediction.files import list_images, load_rgb
 from metaseg.engine.prediction.segment import segment_folder, validate_predict
 from metaseg.engine.training.trainer import train

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.training.trainer import train
-from metaseg.meta import IMAML, MetaLearner, OuterSettings, Precision
+from metaseg.meta import ALGORITHMS, IMAML, OuterSettings, Precision
+from metaseg.meta.from_config import make_learner, validate_meta
 from metaseg.meta.imaml import conjugate_gradient
 from metaseg.models import set_norm
 from metaseg.utils.errors import ConfigError
@@ -290,8 +290,8 @@ def test_config_keys_reach_the_learner_and_useless_options_are_refused(tiny_cfg)
                    "meta.backend=func")
     learner = make_learner(smooth_net(), cfg.meta, Precision())
     assert isinstance(learner, IMAML) and (learner.lam, learner.cg_steps, learner.cg_damping) == (0.5, 7, 0.1)
-    assert learner.inner.backend == "func" and MetaLearner.create("imaml", smooth_net(), inner_lr=0.1,
-                                                                  inner_steps=1).name == "imaml"
+    assert learner.inner.backend == "func" and ALGORITHMS["imaml"](smooth_net(), inner_lr=0.1,
+                                                                   inner_steps=1).name == "imaml"
     for override in ("meta.learn_inner_lr=true", "meta.multi_step_loss=true", "meta.first_order_until=3"):
         with pytest.raises(ConfigError, match="meta.algorithm=imaml"):
             validate_meta(tiny_cfg("meta=imaml", override).meta)

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from metaseg.data.mix import build_mix
-from metaseg.engine.build import make_learner
 from metaseg.engine.evaluation.tune import tune_adaptation
 from metaseg.engine.evaluation.validation import evaluate_validation
-from metaseg.meta.maml import ce_dice
+from metaseg.meta.from_config import make_learner
+from metaseg.meta.losses import ce_dice
 from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError

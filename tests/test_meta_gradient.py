@@ -1,7 +1,7 @@
-"""MetaLearner's meta-gradients against independent computations.
+"""MAML's meta-gradients against independent computations.
 
 The reference is written from scratch with ``torch.func.functional_call`` and
-``torch.autograd.grad(create_graph=True)``: no higher, no MetaLearner code. Finite
+``torch.autograd.grad(create_graph=True)``: no higher, no metaseg code. Finite
 differences of the query loss through the unrolled inner loop check both on a tiny model in
 float64.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metaseg.meta import MetaLearner
+from metaseg.meta import MAML
 from metaseg.config import ModelConfig
 from metaseg.models import build_model, set_norm
 
@@ -63,7 +63,7 @@ def meta_grad(learner, support, query):
 def test_second_order_matches_functional_reference(steps):
     model = tiny_net()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=0.3, inner_steps=steps)
+    learner = MAML(model, inner_lr=0.3, inner_steps=steps)
     loss, grads = meta_grad(learner, support, query)
 
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
@@ -81,7 +81,7 @@ def test_second_order_matches_functional_reference(steps):
 def test_second_order_matches_finite_differences():
     model = tiny_net()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=0.3, inner_steps=2)
+    learner = MAML(model, inner_lr=0.3, inner_steps=2)
     _, grads = meta_grad(learner, support, query)
     params = [p.detach().clone() for p in model.parameters()]
     g = torch.Generator().manual_seed(3)
@@ -99,7 +99,7 @@ def test_second_order_matches_finite_differences():
 def test_first_order_is_query_gradient_at_adapted_weights():
     model = tiny_net()
     support, query = task()
-    learner = MetaLearner(model, inner_lr=0.3, inner_steps=3, first_order=True)
+    learner = MAML(model, inner_lr=0.3, inner_steps=3, first_order=True)
     loss, grads = meta_grad(learner, support, query)
 
     # independent: plain SGD on a copy, then the query gradient there
@@ -118,7 +118,7 @@ def test_smp_unet_meta_gradient_matches_reference():
     cfg = ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
     model = build_model(cfg, 3)
     support, query = task(n=2, size=32, dtype=torch.float32)
-    learner = MetaLearner(model, inner_lr=0.05, inner_steps=2)
+    learner = MAML(model, inner_lr=0.05, inner_steps=2)
     _, grads = meta_grad(learner, support, query)
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     ref_loss, _ = reference_query_loss(model, params, support, query, 0.05, 2)
@@ -132,7 +132,7 @@ def test_adapt_equals_plain_sgd_and_leaves_model_untouched():
     model = tiny_net()
     support, _ = task()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    learner = MetaLearner(model, inner_lr=0.2, inner_steps=3)
+    learner = MAML(model, inner_lr=0.2, inner_steps=3)
     adapted = learner.adapt(*support)
 
     manual = tiny_net()
@@ -159,9 +159,9 @@ def test_custom_loss_is_used():
     def my_loss(logits, y):
         calls.append(logits.shape)
         return loss_fn(logits, y) * 2
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=2, loss=my_loss)
+    learner = MAML(model, inner_lr=0.1, inner_steps=2, loss=my_loss)
     out = learner.outer_loss(support, query)
     assert len(calls) == 3  # two inner steps, one query
-    plain = MetaLearner(tiny_net(), inner_lr=0.1, inner_steps=2, loss=lambda l, y: my_loss(l, y) / 2)
+    plain = MAML(tiny_net(), inner_lr=0.1, inner_steps=2, loss=lambda l, y: my_loss(l, y) / 2)
     ref = plain.outer_loss(support, query)
     assert out.item() != pytest.approx(ref.item())

@@ -5,7 +5,7 @@ import torch
 
 from metaseg.config import ModelConfig
 from metaseg.data.synthetic import synthetic_task
-from metaseg.meta import MetaLearner, Precision
+from metaseg.meta import MAML, Precision
 from metaseg.models import build_model
 from metaseg.utils.errors import ConfigError
 
@@ -20,7 +20,7 @@ def grads(precision, device="cpu", steps=2):
     support, query = synthetic_task()
     support = tuple(t.to(device) for t in support)
     query = tuple(t.to(device) for t in query)
-    learner = MetaLearner(model, inner_lr=0.05, inner_steps=steps, precision=precision)
+    learner = MAML(model, inner_lr=0.05, inner_steps=steps, precision=precision)
     loss = learner.outer_loss(support, query)
     (loss * precision.scale).backward()  # what GradScaler does to the outer loss
     return loss.item(), torch.cat([p.grad.flatten() / precision.scale for p in model.parameters()])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from metaseg.data.labels import build_label_map
-from metaseg.engine.evaluation.checkpoint_eval import checkpoint_model, read_checkpoint
+from metaseg.engine.load import checkpoint_model, read_checkpoint
 from metaseg.engine.prediction.export import batch_statistics
 from metaseg.engine.prediction.files import LEGEND_MIN_WIDTH, overlay, overlay_colours, support_values
 from metaseg.engine.prediction.segment import segment_folder

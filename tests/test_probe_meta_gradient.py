@@ -38,7 +38,7 @@ def test_smooth_model_meta_gradient_matches_finite_differences(tmp_path):
 
 
 def test_probe_gradients_are_the_learners_meta_gradients():
-    """The probe's g2 is MetaLearner.outer_loss's gradient: the finite difference of that very loss agrees."""
+    """The probe's g2 is MAML.outer_loss's gradient: the finite difference of that very loss agrees."""
     cfg = compose_cfg("train", [*TINY, "model.smooth=true"])
     sampler, second, _ = probe.setup(cfg, torch.float64)
     t = probe.as_dtype(sampler.sample(), torch.float64)

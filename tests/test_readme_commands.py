@@ -42,7 +42,8 @@ import metaseg.engine.training.trainer
 from metaseg.data import build_mix
 from metaseg.data.mix import train_names
 from metaseg.engine.distributed import check_meta_batch
-from metaseg.engine.evaluation.protocol import check_heldout_sizes, validate_eval
+from metaseg.engine.evaluation.protocol import check_heldout_sizes
+from metaseg.engine.evaluation.settings import validate_eval
 from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import MetasegError
 from tests.conftest import BIN, ROOT

@@ -17,10 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from metaseg.data.labels import IGNORE
+from metaseg.data.tasks import collate
+from metaseg.data.view import IndexView, SegmentationDataset
 from metaseg.utils.errors import ConfigError
+from metaseg.utils.masks import IGNORE
 
 log = logging.getLogger(__name__)
 TASKS = ("semantic", "binary_class")
@@ -33,47 +34,32 @@ def binarize(mask: torch.Tensor, class_id: int) -> torch.Tensor:
     return out
 
 
-class BinaryClassView(Dataset):
+class BinaryClassView(IndexView):
     """Images ``indices`` of ``base`` with masks ``class_id`` -> 1, other classes -> 0, 255 kept."""
 
-    def __init__(self, base: Dataset, class_id: int, indices: Sequence[int], num_classes: int):
-        self.base, self.class_id, self.indices = base, int(class_id), [int(i) for i in indices]
-        self.num_classes = num_classes  # of the base dataset
-
-    def __len__(self) -> int:
-        return len(self.indices)
+    def __init__(self, base: SegmentationDataset, class_id: int, indices: Sequence[int]):
+        super().__init__(base, indices)
+        self.class_id = int(class_id)
 
     def __getitem__(self, index: int):
-        image, mask = self.base[self.indices[index]]
+        image, mask = super().__getitem__(index)
         return image, binarize(mask, self.class_id)
 
     def full_resolution(self, index: int):
         """The base dataset's original-size sample, its mask binarised the same way."""
-        image, mask = self.base.full_resolution(self.indices[index])
+        image, mask = super().full_resolution(index)
         return image, binarize(mask, self.class_id)
+
+    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator):
+        """The support images themselves (with ``data.patches``: their centre patches), not random patches:
+        binary tasks have always adapted on these, and cutting patches here would change their scores."""
+        return collate(self, indices)
 
     @property
     def pixel_counts(self) -> np.ndarray:
-        counts = pixel_counts(self.base, self.num_classes)[self.indices]
+        counts = super().pixel_counts
         fg = counts[:, self.class_id]
         return np.stack([counts[:, :-1].sum(1) - fg, fg, counts[:, -1]], axis=1)
-
-
-def pixel_counts(dataset: Dataset, num_classes: int) -> np.ndarray:
-    """Per image: labelled pixels of each class, then ignored pixels, at the working resolution.
-
-    Cached datasets keep these counts; others (the generated source) are counted from their
-    samples, which are deterministic when they are not augmented.
-    """
-    counts = getattr(dataset, "pixel_counts", None)
-    if counts is not None:
-        return np.asarray(counts)
-    rows = []
-    for i in range(len(dataset)):
-        mask = dataset[i][1].numpy().ravel()
-        rows.append(np.bincount(np.where(mask == IGNORE, 0, mask + 1), minlength=num_classes + 1))
-    out = np.stack(rows)
-    return np.concatenate([out[:, 1:], out[:, :1]], axis=1)
 
 
 def task_classes(data_cfg: Any, classes: Sequence[str]) -> list[int]:
@@ -86,15 +72,15 @@ def task_classes(data_cfg: Any, classes: Sequence[str]) -> list[int]:
     return [classes.index(c) for c in wanted]
 
 
-def split_by_class(name: str, dataset: Dataset, class_ids: Sequence[int], classes: Sequence[str],
-                   min_pixels: int = 1) -> dict[str, Dataset]:
+def split_by_class(name: str, dataset: SegmentationDataset, class_ids: Sequence[int], classes: Sequence[str],
+                   min_pixels: int = 1) -> dict[str, BinaryClassView]:
     """``{"<name>/<class>": BinaryClassView}`` for each class present in at least one image."""
-    counts = pixel_counts(dataset, len(classes))
-    out: dict[str, Dataset] = {}
+    counts = np.asarray(dataset.pixel_counts)
+    out: dict[str, BinaryClassView] = {}
     for cid in class_ids:
         idx = np.flatnonzero(counts[:, cid] >= min_pixels)
         if len(idx):
-            out[f"{name}/{classes[cid]}"] = BinaryClassView(dataset, cid, idx, len(classes))
+            out[f"{name}/{classes[cid]}"] = BinaryClassView(dataset, cid, idx)
         else:
             log.info("dataset %r: class %r appears in no image, no task for it", name, classes[cid])
     if not out:

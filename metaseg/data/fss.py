@@ -20,7 +20,8 @@ from typing import Any
 from metaseg.data.decode import Pair
 from metaseg.data.folder import image_limit
 from metaseg.data.labels import build_label_map
-from metaseg.data.pairs import IndexView, build_pair_dataset, evenly_spaced, few
+from metaseg.data.pairs import build_pair_dataset, evenly_spaced, few
+from metaseg.data.view import IndexView
 from metaseg.utils.errors import ConfigError, DataError
 
 FSS_THRESHOLD = 128

@@ -24,8 +24,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from metaseg.utils.errors import ConfigError
+from metaseg.utils.masks import IGNORE
 
-IGNORE = 255
 LUT_SIZE = 1 << 16  # 8- and 16-bit masks
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from metaseg.config import DEFAULT_MEAN, DEFAULT_STD
 from metaseg.data.binary import BINARY_CLASSES, check_task, split_by_class, task_classes
@@ -23,23 +22,28 @@ from metaseg.data.labels import mix_classes
 from metaseg.data.pairs import fg_fraction
 from metaseg.data.sources import ON_DISK, build_source
 from metaseg.data.splits import split_validation
+from metaseg.data.view import DatasetView, SegmentationDataset
 from metaseg.utils.errors import ConfigError
 
 
-class Normalized(Dataset):
+class Normalized(DatasetView):
     """Applies the mix's per-channel mean/std to a source's [0, 1] images."""
 
-    def __init__(self, source: Dataset, mean, std):
-        self.source = source
+    def __init__(self, base: SegmentationDataset, mean, std):
+        super().__init__(base)
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
 
-    def __len__(self) -> int:
-        return len(self.source)
+    def _normalise(self, sample):
+        image, mask = sample
+        return (image - self.mean) / self.std, mask
 
     def __getitem__(self, index: int):
-        image, mask = self.source[index]
-        return (image - self.mean) / self.std, mask
+        return self._normalise(self.base[index])
+
+    @property
+    def normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean, self.std
 
     def full_resolution(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image float (3, H, W) normalised, mask int64 (H, W))`` at the ORIGINAL size.
@@ -49,34 +53,25 @@ class Normalized(Dataset):
         window). Sources that render at ``data.size`` (the generated one) return their normal
         sample.
         """
-        full = getattr(self.source, "full_resolution", None)
-        image, mask = full(index) if full is not None else self.source[index]
-        return (image - self.mean) / self.std, mask
+        return self._normalise(self.base.full_resolution(index))
+
+    def plain_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._normalise(self.base.plain_sample(index))
 
     def support_patches(self, indices, per_image: int, generator: torch.Generator):
         """Normalised support patches (``data.patches``; :meth:`PairDataset.support_patches`)."""
-        images, masks = self.source.support_patches(indices, per_image, generator)
-        return (images - self.mean) / self.std, masks
-
-    @property
-    def pixel_counts(self):
-        """Per image: pixels of each class then ignored ones, when the source keeps them (else None)."""
-        return getattr(self.source, "pixel_counts", None)
-
-    def info(self) -> dict:
-        info = getattr(self.source, "info", None)
-        return info() if info is not None else {"images": len(self)}
+        return self._normalise(self.base.support_patches(indices, per_image, generator))
 
 
 @dataclass
 class Mix:
     classes: list[str]
-    train: dict[str, Dataset]
+    train: dict[str, SegmentationDataset]
     weights: list[float]
-    heldout: dict[str, Dataset]
+    heldout: dict[str, SegmentationDataset]
     parents: dict[str, str] = field(default_factory=dict)  # part name -> its entry of data.datasets
     task: str = "semantic"
-    val: dict[str, Dataset] = field(default_factory=dict)  # validation parts (build_mix(validation=True))
+    val: dict[str, SegmentationDataset] = field(default_factory=dict)  # validation parts (build_mix(validation=True))
     val_how: dict[str, str] = field(default_factory=dict)  # dataset -> how its validation images were chosen
 
     @property
@@ -140,15 +135,15 @@ def build_mix(cfg: Any, *, need_train: bool = True, validation: bool = False) ->
     _check_names(cfg, train, need_train)
     targets = task_classes(cfg, classes) if task == "binary_class" else []
     names = (train if need_train else []) + list(cfg.heldout)
-    built: dict[str, dict[str, Dataset]] = {}
-    val_sets: dict[str, Dataset] = {}
+    built: dict[str, dict[str, SegmentationDataset]] = {}
+    val_sets: dict[str, SegmentationDataset] = {}
     val_how: dict[str, str] = {}
     mean, std = normalisation(cfg)
     for name in names:
         ds_cfg = cfg.datasets[name]
         source = build_source(name, ds_cfg, cfg, classes=classes, augment=need_train and name in train)
         parts = {f"{name}/{k}": v for k, v in source.items()} if isinstance(source, dict) else {name: source}
-        out: dict[str, Dataset] = {}
+        out: dict[str, SegmentationDataset] = {}
         for part, ds in parts.items():
             if len(ds) == 0:
                 raise ConfigError(f"dataset {part!r} has no images")

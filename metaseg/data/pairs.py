@@ -26,13 +26,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from metaseg.data.cache import DiskCache, disk_cache
 from metaseg.data.decode import Pair, decode_pair, probe
-from metaseg.data.labels import IGNORE, LabelMap
+from metaseg.data.labels import LabelMap
 from metaseg.data.transforms import JointTransform, patch_place, working_hw
+from metaseg.data.view import SegmentationDataset
 from metaseg.utils.errors import ConfigError, DataError
+from metaseg.utils.masks import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def evenly_spaced(items: list, limit: Optional[int]) -> list:
     return [items[i] for i in idx]
 
 
-class PairDataset(Dataset):
+class PairDataset(SegmentationDataset):
     """Checked, decoded, cached image/mask pairs of one dataset (see the module docstring)."""
 
     def __init__(self, name: str, pairs: Sequence[Pair], labels: LabelMap, *, size: int, num_classes: int,
@@ -116,7 +117,7 @@ class PairDataset(Dataset):
         self.masks = [torch.from_numpy(np.ascontiguousarray(r[1])) for r, _ in results]
         counts = [np.bincount(m.numpy().ravel(), minlength=256) for m in self.masks]
         # per image: labelled pixels of each mix class, then ignored pixels
-        self.pixel_counts = np.stack([np.concatenate([c[:num_classes], [c[IGNORE]]]) for c in counts])
+        self._pixel_counts = np.stack([np.concatenate([c[:num_classes], [c[IGNORE]]]) for c in counts])
         log.info("dataset %r: %d pairs from %s", name, len(self.pairs), where)
 
     def _load(self, pair: Pair, hw: tuple[int, int], disk: Optional[DiskCache]):
@@ -135,6 +136,21 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index], self.masks[index])
+
+    @property
+    def serves_patches(self) -> bool:
+        return self.transform.patch
+
+    @property
+    def pixel_counts(self) -> np.ndarray:
+        """Counted once, on the cached masks (augmented datasets: at their cache resolution)."""
+        return self._pixel_counts
+
+    def plain_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached image and mask only resized (or, with ``data.patches``, centre-cropped), never augmented."""
+        if not self.transform.random:
+            return self[index]
+        return JointTransform(self.transform.size, patch=self.transform.patch)(self.images[index], self.masks[index])
 
     def full_resolution(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image float (3, H, W) in [0, 1], mask int64 (H, W))`` at the file's original size.
@@ -178,36 +194,6 @@ class PairDataset(Dataset):
         h = [self.sizes[i][1] for i in indices] or [0]
         return {"images": len(indices), "splits": splits, "root": str(self.where),
                 "size_min": [min(w), min(h)], "size_max": [max(w), max(h)]}
-
-
-class IndexView(Dataset):
-    """The images ``indices`` of ``base``, with its ``full_resolution`` and pixel counts."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int]):
-        self.base, self.indices = base, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.base[self.indices[index]]
-
-    def full_resolution(self, index: int):
-        """See :meth:`PairDataset.full_resolution`."""
-        return self.base.full_resolution(self.indices[index])
-
-    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator):
-        """See :meth:`PairDataset.support_patches`."""
-        return self.base.support_patches([self.indices[int(i)] for i in indices], per_image, generator)
-
-    @property
-    def pixel_counts(self) -> np.ndarray:
-        return self.base.pixel_counts[self.indices]
-
-    def info(self) -> dict:
-        if isinstance(self.base, PairDataset):
-            return self.base.info(self.indices)
-        return {"images": len(self)}
 
 
 def build_pair_dataset(name: str, pairs: Sequence[Pair], labels: LabelMap, data_cfg: Any, where: Path,

@@ -1,10 +1,11 @@
-"""Dataset sources: how one entry of a mix's ``datasets`` becomes a torch ``Dataset``.
+"""Dataset sources: how one entry of a mix's ``datasets`` becomes a dataset.
 
 A source is a function ``(name, dataset_cfg, data_cfg, *, root, classes, augment)`` returning
-a ``Dataset`` (or ``{part: Dataset}``, one per task, as FSS-1000's class folders) yielding
-``(image float (3, H, W) in [0, 1], mask int64 (H, W))`` pairs in the mix's label space
-``classes``, at ``data.size``; training datasets (``augment``) are randomly cropped and
-flipped. Every dataset also offers ``full_resolution(i)``: the same sample at its original
+a :class:`~metaseg.data.view.SegmentationDataset` (or ``{part: dataset}``, one per task, as
+FSS-1000's class folders) yielding ``(image float (3, H, W) in [0, 1], mask int64 (H, W))``
+pairs in the mix's label space ``classes``, at ``data.size``; training datasets (``augment``)
+are randomly cropped and flipped. Every dataset also answers what evaluation asks
+(:mod:`metaseg.data.view`), ``full_resolution(i)`` among them: the same sample at its original
 size. A new on-disk format is one module here and one YAML in ``conf/data/``.
 
 On-disk sources find their files at ``data.root / data.datasets.NAME.root`` (the dataset's
@@ -17,47 +18,35 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from torch.utils.data import Dataset
-
-from metaseg.data.binary import pixel_counts
 from metaseg.data.cityscapes import cityscapes_source
 from metaseg.data.folder import folder_source
 from metaseg.data.fss import fss_source
 from metaseg.data.labels import mix_classes
 from metaseg.data.synthetic import CLASSES, SyntheticDomain
 from metaseg.data.transforms import JointTransform
+from metaseg.data.view import DatasetView, SegmentationDataset
 from metaseg.data.voc import voc_source
 from metaseg.utils.errors import ConfigError
 
 SourceFn = Callable[..., Any]
 
 
-class Augmented(Dataset):
-    """Joint augmentation of a source that renders at ``data.size`` (the generated one)."""
+class Augmented(DatasetView):
+    """Joint augmentation of a source that renders at ``data.size`` (the generated one); its full-resolution
+    sample and pixel counts are the source's, un-augmented (no draw from the augmentation generator)."""
 
-    def __init__(self, source: Dataset, transform: JointTransform, num_classes: int):
-        self.source, self.transform, self.num_classes = source, transform, num_classes
-        self._counts = None
-
-    def __len__(self) -> int:
-        return len(self.source)
+    def __init__(self, base: SegmentationDataset, transform: JointTransform):
+        super().__init__(base)
+        self.transform = transform
 
     def __getitem__(self, index: int):
-        return self.transform(*self.source[index])
+        return self.transform(*self.base[index])
 
-    def full_resolution(self, index: int):
-        """The source's un-augmented sample."""
-        return self.source[index]
-
-    @property
-    def pixel_counts(self):
-        """Counted on the un-augmented samples (no draw from the augmentation generator)."""
-        if self._counts is None:
-            self._counts = pixel_counts(self.source, self.num_classes)
-        return self._counts
+    def plain_sample(self, index: int):
+        return self.base.plain_sample(index)
 
 
-def synthetic_source(name: str, ds_cfg: Any, data_cfg: Any, *, classes: list[str], **_: Any) -> Dataset:
+def synthetic_source(name: str, ds_cfg: Any, data_cfg: Any, *, classes: list[str], **_: Any) -> SyntheticDomain:
     if list(classes) != list(CLASSES):
         raise ConfigError(
             f"data.datasets.{name}: the synthetic source labels {list(CLASSES)}, "
@@ -101,5 +90,5 @@ def build_source(name: str, ds_cfg: Any, data_cfg: Any, *, classes: Optional[lis
     ds = fn(name, ds_cfg, data_cfg, classes=classes, augment=augment)
     if augment:
         transform = JointTransform(int(data_cfg.size), data_cfg.augment, seed=int(data_cfg.seed), name=name)
-        ds = Augmented(ds, transform, len(classes))
+        ds = Augmented(ds, transform)
     return ds

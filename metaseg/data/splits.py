@@ -20,70 +20,41 @@ without augmentation (a resize, like the held-out datasets).
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from metaseg.data.transforms import JointTransform
+from metaseg.data.view import IndexView, SegmentationDataset
 from metaseg.utils.errors import ConfigError
 
+if TYPE_CHECKING:
+    from metaseg.data.mix import Normalized
 
-class Subset(Dataset):
-    """Images ``indices`` of ``base``; ``plain=True`` serves them un-augmented."""
 
-    def __init__(self, base: Dataset, indices: Sequence[int], *, plain: bool = False):
-        self.base, self.indices, self.plain = base, [int(i) for i in indices], plain
-        self._resize: Optional[JointTransform] = None
+class SplitPart(IndexView):
+    """One side of a dataset's meta-validation split: its images ``indices``; ``plain=True`` (the
+    validation side) serves them un-augmented."""
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def __init__(self, base: SegmentationDataset, indices: Sequence[int], *, plain: bool = False):
+        super().__init__(base, indices)
+        self.plain = plain
 
     def __getitem__(self, index: int):
         i = self.indices[index]
-        return plain_sample(self.base, i) if self.plain else self.base[i]
-
-    def full_resolution(self, index: int):
-        return self.base.full_resolution(self.indices[index])
-
-    def support_patches(self, indices: Sequence[int], per_image: int, generator: torch.Generator):
-        return self.base.support_patches([self.indices[int(i)] for i in indices], per_image, generator)
-
-    @property
-    def pixel_counts(self):
-        counts = getattr(self.base, "pixel_counts", None)
-        return None if counts is None else np.asarray(counts)[self.indices]
-
-    def info(self) -> dict:
-        return {"images": len(self)}
+        return self.base.plain_sample(i) if self.plain else self.base[i]
 
 
-def plain_sample(ds: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``index`` of a mix dataset (``Normalized`` over a source) without its augmentation."""
-    source = getattr(ds, "source", None)
-    transform = getattr(source, "transform", None)
-    if source is None or transform is None or not getattr(transform, "random", False):
-        return ds[index]
-    if hasattr(source, "images"):  # PairDataset: cached uint8 image and mask, resized only
-        image, mask = JointTransform(transform.size, patch=transform.patch)(source.images[index],
-                                                                            source.masks[index])
-    else:  # Augmented generated source: the source's own sample
-        image, mask = source.source[index]
-    return (image - ds.mean) / ds.std, mask
-
-
-def reserved_by_splits(ds: Dataset, val_splits: Sequence[str]) -> Optional[list[int]]:
+def reserved_by_splits(ds: Normalized, val_splits: Sequence[str]) -> Optional[list[int]]:
     """Indices whose ``splits.csv`` split is one of ``val_splits``; None when the file marks none."""
-    pairs = getattr(getattr(ds, "source", None), "pairs", None)
+    pairs = ds.base.pairs
     if not pairs or not val_splits:
         return None
     wanted = set(val_splits)
-    idx = [i for i, p in enumerate(pairs) if getattr(p, "split", None) in wanted]
+    idx = [i for i, p in enumerate(pairs) if p.split in wanted]
     return idx or None
 
 
-def validation_indices(name: str, ds: Dataset, cfg: Any) -> tuple[list[int], list[int], str]:
+def validation_indices(name: str, ds: Normalized, cfg: Any) -> tuple[list[int], list[int], str]:
     """``(train indices, validation indices, how)`` of one dataset of the mix (see the module docstring)."""
     n = len(ds)
     by_file = reserved_by_splits(ds, list(cfg.get("val_splits") or []))
@@ -109,15 +80,15 @@ def validation_indices(name: str, ds: Dataset, cfg: Any) -> tuple[list[int], lis
     return train, val, how
 
 
-def split_validation(name: str, ds: Dataset, cfg: Any) -> tuple[Dataset, Optional[Dataset], str]:
+def split_validation(name: str, ds: Normalized, cfg: Any) -> tuple[SegmentationDataset, Optional[SplitPart], str]:
     """``(training view, validation view or None, how)`` of dataset ``name``."""
     train, val, how = validation_indices(name, ds, cfg)
     if not val:
         return ds, None, how
-    return Subset(ds, train), Subset(ds, val, plain=True), how
+    return SplitPart(ds, train), SplitPart(ds, val, plain=True), how
 
 
-def check_validation_sizes(val: dict[str, Dataset], shots: Sequence[int]) -> None:
+def check_validation_sizes(val: dict[str, SegmentationDataset], shots: Sequence[int]) -> None:
     """Every validation dataset must keep a query image after the largest support."""
     largest = max(shots, default=0)
     small = {n: len(d) for n, d in val.items() if len(d) <= largest}

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from metaseg.data.view import SegmentationDataset
+
 CLASSES = ("background", "disk", "square", "triangle")
 
 
@@ -145,8 +147,10 @@ def render(seed: int, domain: int, index: int, size: int = 64) -> tuple[torch.Te
     return (image + noise).clamp_(0, 1), torch.from_numpy(mask)
 
 
-class SyntheticDomain(torch.utils.data.Dataset):
+class SyntheticDomain(SegmentationDataset):
     """One generated domain of ``num_images`` samples, rendered once and kept in memory."""
+
+    num_classes = len(CLASSES)
 
     def __init__(self, domain: int, num_images: int, size: int, seed: int = 0):
         self.domain, self.num_images, self.size, self.seed = domain, num_images, size, seed

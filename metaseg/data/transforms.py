@@ -27,8 +27,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from metaseg.data.labels import IGNORE
 from metaseg.utils.errors import ConfigError
+from metaseg.utils.masks import IGNORE
 
 CACHE_FACTOR = 2  # augmented datasets are cached at 2 x data.size on the shorter side
 

@@ -7,6 +7,7 @@
 * :mod:`metaseg.engine.prediction`: ``metaseg-predict``, adapt on a few images and segment a folder.
 
 Shared by all three: checkpoints (``checkpoint``, ``state``), torchrun (``distributed``), a
-held-out label space (``heads``) and the algorithm built from its config (``build``).
+held-out label space (``heads``); the algorithm a config describes is built in
+:mod:`metaseg.meta.from_config`.
 Dependencies point one way: ``prediction`` and ``training`` use ``evaluation``, never back.
 """

@@ -18,19 +18,23 @@ keeps every weight of the encoder and decoder and builds a new final convolution
 
 The prototypes are computed in the mode the inner loop runs in (training mode: BatchNorm on
 the support batch's statistics), under no gradient; every episode starts from the same body.
+Each episode reloads one working copy of the model (made once, with its own inner loop:
+``MetaLearner.for_model``) with the body, sets its head and adapts it; the learner's model
+is never touched.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaseg.meta.maml import IGNORE_INDEX
+from metaseg.meta import MetaLearner
 from metaseg.utils.errors import CheckpointError, ConfigError
+from metaseg.utils.masks import IGNORE
 
 HEAD = "segmentation_head."
 
@@ -78,7 +82,7 @@ def prototype_head(model: nn.Module, images: torch.Tensor, masks: torch.Tensor) 
     labels = F.interpolate(masks[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
     feats = feats.permute(0, 2, 3, 1).reshape(-1, dim)
     labels = labels.reshape(-1)
-    keep = (labels != IGNORE_INDEX) & (labels >= 0) & (labels < n_cls)
+    keep = (labels != IGNORE) & (labels >= 0) & (labels < n_cls)
     onehot = F.one_hot(labels[keep], n_cls).float()
     counts = onehot.sum(0)
     protos = onehot.T @ feats[keep] / counts.clamp(min=1)[:, None]
@@ -102,20 +106,20 @@ class NewHeadLearner:
     """A learner whose ``adapt`` first sets the new head from the support set (see the module doc).
 
     Everything else (``model``, ``precision``, ``inner_steps``, ...) is the wrapped learner's.
+    An episode adapts a working copy of the model, made once: the learner's model (its body and
+    zero head) is loaded into it, its head set from the support set, and the same algorithm
+    around it (``learner.for_model``) adapts it.
     """
 
-    def __init__(self, learner: Any):
+    def __init__(self, learner: MetaLearner):
         self._learner = learner
+        self._start = copy.deepcopy(learner.model)
+        self._episode = learner.for_model(self._start)
 
     def __getattr__(self, name: str):
         return getattr(self._learner, name)
 
     def adapt(self, images: torch.Tensor, masks: torch.Tensor, **kwargs):
-        base = self._learner.model
-        start = copy.deepcopy(base)
-        prototype_head(start, images, masks)
-        self._learner.model = start
-        try:
-            return self._learner.adapt(images, masks, **kwargs)
-        finally:
-            self._learner.model = base
+        self._start.load_state_dict(self._learner.model.state_dict())
+        prototype_head(self._start, images, masks)
+        return self._episode.adapt(images, masks, **kwargs)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta.maml import MAML
 
 DEFAULT_INNER_PARAMS = ("decoder.blocks.-1", "segmentation_head")
 
 
-class ANIL(MetaLearner):
+class ANIL(MAML):
     """MAML whose inner loop adapts only ``inner_params`` (default: last decoder block and head)."""
 
     name = "anil"

@@ -23,17 +23,13 @@ from typing import Optional
 import torch
 
 from metaseg.meta.base import TaskOutcome, tasks_of_step
-from metaseg.meta.maml import Batch, MetaLearner
+from metaseg.meta.learner import Batch, MetaLearner
 
 
 class ERM(MetaLearner):
     name = "erm"
     has_meta_gradient = False
-    first_order_only = True
-
-    def __init__(self, model, **kwargs):
-        kwargs["first_order"] = True  # no gradient through any inner loop, by construction
-        super().__init__(model, **kwargs)
+    first_order_only = True  # no gradient through any inner loop, by construction
 
     def outer_loss(self, support: Batch, query: Batch, *, step: Optional[int] = None) -> torch.Tensor:
         """The plain loss at theta, mean of the support and query batches (no adaptation)."""

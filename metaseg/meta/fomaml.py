@@ -9,17 +9,11 @@ second derivatives (MobileNetV3).
 
 from __future__ import annotations
 
-from torch import nn
-
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta.maml import MAML
 
 
-class FOMAML(MetaLearner):
-    """MAML with ``first_order=True`` always."""
+class FOMAML(MAML):
+    """MAML with ``first_order=True`` always (``first_order_only`` makes it so)."""
 
     name = "fomaml"
     first_order_only = True
-
-    def __init__(self, model: nn.Module, **kwargs):
-        kwargs["first_order"] = True
-        super().__init__(model, **kwargs)

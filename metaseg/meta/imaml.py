@@ -57,7 +57,8 @@ from torch import nn
 
 from metaseg.meta.capability import raise_if_second_order_failure
 from metaseg.meta.inner import Params
-from metaseg.meta.maml import Batch, MetaLearner
+from metaseg.meta.learner import Batch
+from metaseg.meta.maml import MAML
 from metaseg.meta.precision import Precision
 from metaseg.utils.errors import ConfigError
 
@@ -113,7 +114,7 @@ def conjugate_gradient(matvec: Callable[[Vector], Vector], b: Vector, steps: int
     return x, stats
 
 
-class IMAML(MetaLearner):
+class IMAML(MAML):
     """Implicit MAML: K proximal SGD steps without a graph, then the implicit meta-gradient by CG."""
 
     name = "imaml"
@@ -121,7 +122,7 @@ class IMAML(MetaLearner):
 
     @classmethod
     def options(cls, m) -> dict:
-        return {"lam": m.imaml_lambda, "cg_steps": m.cg_steps, "cg_damping": m.cg_damping}
+        return {**super().options(m), "lam": m.imaml_lambda, "cg_steps": m.cg_steps, "cg_damping": m.cg_damping}
 
     def __init__(self, model: nn.Module, *, lam: float = 2.0, cg_steps: int = 5, cg_damping: float = 0.0,
                  **kwargs):
@@ -135,7 +136,8 @@ class IMAML(MetaLearner):
             raise ConfigError(f"meta.imaml_lambda={lam} must be > 0 (the proximal strength)")
         if not kwargs.get("inner_lr", 0) * lam < 2:
             raise ConfigError(f"meta.inner_lr * meta.imaml_lambda = {kwargs['inner_lr'] * lam:g} must be < 2: the "
-                              f"proximal pull alone makes the inner SGD diverge; lower meta.inner_lr or meta.imaml_lambda")
+                              f"proximal pull alone makes the inner SGD diverge; lower meta.inner_lr or "
+                              f"meta.imaml_lambda")
         if cg_steps < 1:
             raise ConfigError(f"meta.cg_steps={cg_steps} must be >= 1 (for no CG at all set meta.first_order=true)")
         if cg_damping < 0:

@@ -32,9 +32,9 @@ special cases:
 
 The step is written here rather than with higher's ``DifferentiableOptimizer``, which
 differentiates every parameter in every inner step (no ANIL savings) and needs its
-``override`` mechanism for learnable per-element or per-step rates. fp16 uses PyTorch's AMP "gradient penalty" recipe: the loss is
-scaled before ``autograd.grad`` and the gradients unscaled before the update
-(:class:`metaseg.meta.precision.Precision`).
+``override`` mechanism for learnable per-element or per-step rates. fp16 uses PyTorch's AMP
+"gradient penalty" recipe: the loss is scaled before ``autograd.grad`` and the gradients
+unscaled before the update (:class:`metaseg.meta.precision.Precision`).
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from metaseg.meta.losses import LossFn
 from metaseg.meta.precision import Precision
 from metaseg.utils.errors import ConfigError
 
 Params = dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Rate = Union[float, torch.Tensor]
 RateFn = Callable[[str], Rate]  # parameter name -> step size for one inner step
 

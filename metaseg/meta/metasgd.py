@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta.maml import MAML
 from metaseg.utils.errors import CheckpointError
 
 
@@ -60,7 +60,7 @@ class StepSizes(nn.Module):
                 v.copy_(state[n])
 
 
-class MetaSGD(MetaLearner):
+class MetaSGD(MAML):
     """MAML whose inner step sizes are meta-learned (per tensor or per element)."""
 
     name = "metasgd"
@@ -68,7 +68,8 @@ class MetaSGD(MetaLearner):
 
     @classmethod
     def options(cls, m) -> dict:
-        return {"per_element": m.inner_lr_granularity == "element", "per_step": bool(m.inner_lr_per_step)}
+        return {**super().options(m), "per_element": m.inner_lr_granularity == "element",
+                "per_step": bool(m.inner_lr_per_step)}
 
     def __init__(self, model: nn.Module, *, per_element: bool = False, per_step: bool = False,
                  step_sizes: Optional[StepSizes] = None, **kwargs):

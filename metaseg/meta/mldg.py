@@ -15,17 +15,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaseg.meta.maml import MetaLearner
+from metaseg.meta.maml import MAML
 
 
-class MLDG(MetaLearner):
+class MLDG(MAML):
     name = "mldg"
     keeps_support_graph = True
     min_inner_steps = 1  # its D_i loss is the first inner step's support loss
 
     @classmethod
     def options(cls, m) -> dict:
-        return {"gamma": m.gamma}
+        return {**super().options(m), "gamma": m.gamma}
 
     def __init__(self, model: nn.Module, *, gamma: float = 1.0, **kwargs):
         super().__init__(model, **kwargs)

@@ -17,17 +17,13 @@ from typing import Optional
 
 import torch
 
-from metaseg.meta.maml import Batch, MetaLearner
+from metaseg.meta.learner import Batch, MetaLearner
 
 
 class Reptile(MetaLearner):
     name = "reptile"
     has_meta_gradient = False  # theta moves towards phi; nothing is differentiated through the inner loop
-    first_order_only = True
-
-    def __init__(self, model, **kwargs):
-        kwargs["first_order"] = True  # no gradient through any inner loop, by construction
-        super().__init__(model, **kwargs)
+    first_order_only = True  # no gradient through any inner loop, by construction
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Plain SGD at epsilon: one step is exactly theta + epsilon * (mean phi - theta)."""

@@ -3,8 +3,9 @@
 "5-shot mIoU 0.264" alone does not say what training bought: the same five labelled images
 also teach a network that never trained. So the final evaluation (``eval.baseline``, on by
 default) scores a second model, the one ``metaseg-eval checkpoint=none`` evaluates: the same
-``model`` config at a seeded random initialisation (named encoder weights, if the config has
-them, load as they would before training). Everything else is held fixed:
+``model`` config at a seeded random initialisation (``random_init`` of ``metaseg.engine.load``;
+named encoder weights, if the config has them, load as they would before training). Everything
+else is held fixed:
 
 * the same episodes: supports, queries and support patches come from generators seeded by
   (seed, dataset, episode, k), never by the model (``metaseg.engine.evaluation.protocol``), so both
@@ -26,30 +27,22 @@ study (``scripts/study.py``) runs this baseline once per fold as its ``scratch``
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import Dataset
 
 from metaseg.engine.evaluation.protocol import evaluate_heldout
+from metaseg.engine.evaluation.settings import EvalSettings, validate_eval
 from metaseg.engine.evaluation.summary import RANDOM
+from metaseg.engine.load import random_init
 from metaseg.engine.state import rng_isolated
-from metaseg.meta.maml import MetaLearner
-from metaseg.models.factory import build_model
-from metaseg.utils.runtime import seed_everything
+from metaseg.meta import MetaLearner
 
 log = logging.getLogger(__name__)
-
-
-def random_init(model_cfg: Any, num_classes: int, seed: int) -> nn.Module:
-    """The ``model`` config's network as ``seed`` draws it: ``checkpoint=none``'s model and the baseline's."""
-    seed_everything(seed)
-    return build_model(model_cfg, num_classes)
 
 
 def init_name(model_cfg: Any) -> str:
@@ -58,14 +51,10 @@ def init_name(model_cfg: Any) -> str:
     return "random" if not weights else f"encoder weights {weights}, the rest random"
 
 
-def baseline_eval_cfg(eval_cfg: Any) -> Any:
-    """``eval_cfg`` for the baseline: no pictures and no adaptation curve (the trained model's
-    figures), everything that fixes the numbers as it is."""
-    cfg = copy.deepcopy(eval_cfg) if OmegaConf.is_config(eval_cfg) else OmegaConf.create(dict(eval_cfg))
-    with open_dict(cfg):
-        cfg.pictures = 0
-        cfg.curve_steps = []
-    return cfg
+def baseline_eval_cfg(eval_cfg: Any) -> EvalSettings:
+    """The evaluation's settings for the baseline: no pictures and no adaptation curve (the trained
+    model's figures), everything that fixes the numbers as it is."""
+    return validate_eval(eval_cfg).without_figures()
 
 
 def evaluate_baseline(adaptation: Callable[[nn.Module], MetaLearner], model_cfg: Any,

@@ -18,8 +18,6 @@ All files are written atomically: a reader sees the previous file or the complet
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,11 +27,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from metaseg.data.view import SegmentationDataset
 from metaseg.engine.evaluation import summary
-from metaseg.engine.evaluation.scoring import full_resolution_sample
-from metaseg.meta.maml import IGNORE_INDEX
-from metaseg.metrics import segmentation_scores
+from metaseg.engine.evaluation.results import Curve, Estimate, Results
+from metaseg.metrics import PER_CLASS, segmentation_scores
+from metaseg.utils.masks import IGNORE
 from metaseg.utils.runtime import atomic_write
+from metaseg.utils.tables import csv_text, markdown_table
 
 # Distinct colours (after Sasha Trubetskoy's list); class 0 is black. Binary tasks: black/white.
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
@@ -60,15 +60,16 @@ def colorize(labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """Label map (H, W) -> RGB uint8 (H, W, 3); ignored pixels grey."""
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[:num_classes] = palette(num_classes)
-    lut[IGNORE_INDEX] = IGNORE_COLOUR
+    lut[IGNORE] = IGNORE_COLOUR
     return lut[labels.to(torch.int64).clamp(0, 255).cpu().numpy()]
 
 
-def display_image(dataset: Dataset, image: torch.Tensor) -> np.ndarray:
+def display_image(dataset: SegmentationDataset, image: torch.Tensor) -> np.ndarray:
     """A normalised (C, H, W) image back to RGB uint8: the dataset's mean/std when it has them, else min-max."""
     image = image.detach().float().cpu()
-    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
-    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == image.shape[0]:
+    norm = dataset.normalisation
+    if norm is not None and norm[0].numel() == image.shape[0]:
+        mean, std = norm
         image = image * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
     else:
         lo = image.amin((1, 2), keepdim=True)
@@ -167,8 +168,8 @@ def render_gallery(name: str, dataset: Dataset, gallery: dict, classes: Sequence
     columns = ["image", "ground truth", "zero-shot"] + [f"{k}-shot" for k in ks]
     rows, show_ignore = [], False
     for index in gallery["indices"]:
-        image, mask = full_resolution_sample(dataset, index) if mode == "slide" else dataset[index]
-        show_ignore |= bool((mask == IGNORE_INDEX).any())
+        image, mask = dataset.full_resolution(index) if mode == "slide" else dataset[index]
+        show_ignore |= bool((mask == IGNORE).any())
         preds = [gallery["zero_shot"][index]] + [gallery["adapted"][k][index] for k in ks]
         captions = [f"#{index}  {mask.shape[-1]}x{mask.shape[-2]}", ""]
         for pred in preds:
@@ -202,48 +203,40 @@ def _cell(mean: Any, ci: Any = None) -> str:
     return f"{100 * m:.1f}" if c is None else f"{100 * m:.1f} ± {100 * c:.1f}"
 
 
-def _shots(result: dict) -> list[str]:
-    for res in result["datasets"].values():
-        if "adapted" in res:
-            return [k for k in res["adapted"] if k.isdigit()]
-    return []
+def _estimate_cell(estimate: Optional[Estimate]) -> str:
+    return _cell(estimate.mean, estimate.ci95) if estimate is not None else "–"
 
 
-def _get(scores: dict, reduction: str, metric: str) -> dict:
-    return scores["image"].get(metric) if reduction == "image" else scores.get(metric)
+def _header(first: str, ks: Sequence[int]) -> list[str]:
+    """A table's header: ``first``, zero-shot, then a column per k (none without episodes)."""
+    return [first, "zero-shot", *[f"{k}-shot" for k in ks]]
 
 
-def _header(first: str, ks: Sequence[str]) -> list[str]:
-    """A table's header and rule: ``first``, zero-shot, then a column per k (none without episodes)."""
-    cells = [first, "zero-shot", *[f"{k}-shot" for k in ks]]
-    return ["| " + " | ".join(cells) + " |", "|---|" + "---:|" * (len(cells) - 1)]
-
-
-def _metric_table(result: dict, metric: str, reduction: str) -> list[str]:
-    ks = _shots(result)
-    lines = _header("dataset", ks)
-    zero_col, k_cols = [], {k: [] for k in ks}
-    for name, res in result["datasets"].items():
-        z = _get(res["zero_shot"], reduction, metric)
+def _metric_table(results: Results, metric: str, reduction: str) -> list[str]:
+    ks = results.shots
+    rows, zero_col, k_cols = [], [], {k: [] for k in ks}
+    for name, res in results.datasets.items():
+        z = res.zero_shot.get(metric, reduction)
         zero_col.append(_num(z))
-        cells = [_cell(z)]
+        cells = [name, _cell(z)]
         for k in ks:
-            a = _get(res["adapted"][k], reduction, metric) if "adapted" in res else None
-            k_cols[k].append(_num(a["mean"]) if a else None)
-            cells.append(_cell(a["mean"], a["ci95"]) if a else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if len(result["datasets"]) > 1:
+            a = res.adapted[k].get(metric, reduction) if k in res.adapted else None
+            k_cols[k].append(_num(a.mean) if a else None)
+            cells.append(_estimate_cell(a))
+        rows.append(cells)
+    if len(results.datasets) > 1:
         def avg(col):
             vals = [v for v in col if v is not None]
             return sum(vals) / len(vals) if len(vals) == len(col) and vals else None
-        lines.append("| **mean** | " + " | ".join([_cell(avg(zero_col))] + [_cell(avg(k_cols[k])) for k in ks]) + " |")
-    return lines
+        rows.append(["**mean**", _cell(avg(zero_col)), *[_cell(avg(k_cols[k])) for k in ks]])
+    return markdown_table(_header("dataset", ks), rows, align="lr")
 
 
 def markdown_report(result: dict) -> str:
     """``eval.md``: the tables a user can paste, and the protocol that produced them."""
     p = result.get("protocol", {})
-    ks = _shots(result)
+    results = Results.from_dict(result)
+    ks = results.shots
     out = ["# metaseg evaluation", ""]
     model = (result.get("config") or {}).get("model") or {}
     what = f"{model.get('arch')} / {model.get('encoder')}" if model else "the model"
@@ -270,19 +263,21 @@ def markdown_report(result: dict) -> str:
         tables += [("foreground IoU", "fg_iou", "dataset"), ("foreground Dice", "fg_dice", "dataset"),
                    ("foreground IoU", "fg_iou", "image"), ("foreground Dice", "fg_dice", "image")]
     for label, metric, reduction in tables:
-        out += ["", f"## {label} (%), {reduction} reduction", ""] + _metric_table(result, metric, reduction)
+        out += ["", f"## {label} (%), {reduction} reduction", ""] + _metric_table(results, metric, reduction)
     classes = result.get("classes")
     out += ["", "## Per-class IoU (%), dataset reduction"]
-    for name, res in result["datasets"].items():
-        names = classes or [f"class {c}" for c in range(len(res["zero_shot"]["iou"]))]
-        out += ["", f"### {name}", "", *_header("class", ks)]
+    for name, res in results.datasets.items():
+        zero = res.zero_shot.get("iou")
+        names = classes or [f"class {c}" for c in range(len(zero))]
+        rows = []
         for c, cname in enumerate(names):
-            cells = [_cell(res["zero_shot"]["iou"][c])]
+            cells = [cname, _cell(zero[c])]
             for k in ks:
-                a = res.get("adapted", {}).get(k)
-                cells.append(_cell(a["iou"]["mean"][c], a["iou"]["ci95"][c]) if a else "–")
-            out.append(f"| {cname} | " + " | ".join(cells) + " |")
-    out += _curve_tables(result)
+                a = res.adapted[k].get("iou") if k in res.adapted else None
+                cells.append(_cell(a.mean[c], a.ci95[c]) if a else "–")
+            rows.append(cells)
+        out += ["", f"### {name}", "", *markdown_table(_header("class", ks), rows, align="lr")]
+    out += _curve_tables(results)
     if result.get("pictures"):
         out += ["", "## Pictures", ""] + [f"- {n}: [{path}]({path})" for n, path in result["pictures"].items()]
     return "\n".join(out) + "\n"
@@ -292,25 +287,29 @@ CURVE_LABELS = {"miou": "mIoU", "fg_dice": "foreground Dice"}
 CURVE_PNG = "curve.png"
 
 
-def _curves(result: dict) -> dict[str, dict]:
-    return {name: res["curve"] for name, res in result["datasets"].items() if res.get("curve")}
+def _curves(results: Results) -> dict[str, Curve]:
+    return {name: res.curve for name, res in results.datasets.items() if res.curve is not None}
 
 
-def _curve_tables(result: dict) -> list[str]:
+def has_curves(result: dict) -> bool:
+    """Whether any dataset of ``result`` has an adaptation curve (``curve.png`` to draw)."""
+    return bool(_curves(Results.from_dict(result)))
+
+
+def _curve_tables(results: Results) -> list[str]:
     """``eval.md``'s adaptation-curve section: one table per dataset, rows k, columns steps."""
-    curves = _curves(result)
+    curves = _curves(results)
     if not curves:
         return []
     out = ["", "## Adaptation curve (%), dataset reduction", "",
            f"Score on each episode's query images after S adaptation steps (columns) from k shots (rows), "
            f"mean ± 95% CI over episodes; plotted in [{CURVE_PNG}]({CURVE_PNG})."]
     for name, curve in curves.items():
-        steps = next(iter(curve["shots"].values()), {})
-        out += ["", f"### {name}: {CURVE_LABELS.get(curve['metric'], curve['metric'])}", "",
-                "| k | " + " | ".join(f"{t} step{'' if t == '1' else 's'}" for t in steps) + " |",
-                "|---|" + "---:|" * len(steps)]
-        for k, by_steps in curve["shots"].items():
-            out.append(f"| {k}-shot | " + " | ".join(_cell(v["mean"], v["ci95"]) for v in by_steps.values()) + " |")
+        steps = list(next(iter(curve.points.values()), {}))
+        header = ["k", *[f"{t} step{'' if t == 1 else 's'}" for t in steps]]
+        rows = [[f"{k}-shot", *[_estimate_cell(e) for e in by_steps.values()]] for k, by_steps in curve.points.items()]
+        out += ["", f"### {name}: {CURVE_LABELS.get(curve.metric, curve.metric)}", "",
+                *markdown_table(header, rows, align="lr")]
     return out
 
 
@@ -324,14 +323,14 @@ def plot_curves(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    curves = _curves(result)
+    curves = _curves(Results.from_dict(result))
     fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.6), squeeze=False)
     for ax, (name, curve) in zip(axes[0], curves.items()):
         steps = []
-        for k, by_steps in curve["shots"].items():
-            steps = [int(t) for t in by_steps]
-            mean = np.array([_nan(v["mean"]) for v in by_steps.values()])
-            ci = np.array([_nan(v["ci95"]) for v in by_steps.values()])
+        for k, by_steps in curve.points.items():
+            steps = list(by_steps)
+            mean = np.array([_nan(e.mean) for e in by_steps.values()])
+            ci = np.array([_nan(e.ci95) for e in by_steps.values()])
             line, = ax.plot(steps, mean, marker="o", label=f"{k}-shot")
             ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
         if steps and max(steps) >= 10:
@@ -339,7 +338,7 @@ def plot_curves(result: dict, path: str | Path) -> None:
         ax.set_xticks(steps, [str(t) for t in steps])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("adaptation steps")
-        ax.set_ylabel(CURVE_LABELS.get(curve["metric"], curve["metric"]))
+        ax.set_ylabel(CURVE_LABELS.get(curve.metric, curve.metric))
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -354,44 +353,34 @@ def _nan(value: Any) -> float:
 
 
 CSV_FIELDS = ("dataset", "setting", "shots", "reduction", "metric", "class", "mean", "ci95", "n")
+CSV_METRICS = ("miou", "mf1", "pixel_acc", "fg_iou", "fg_dice", "iou", "f1", "precision", "recall")
 
 
 def csv_rows(result: dict) -> list[dict]:
     """Every number of ``result`` as long-form rows (fractions); ``ci95``/``n`` empty for zero-shot."""
     classes = result.get("classes")
     rows = []
-    for name, res in result["datasets"].items():
-        settings = [("zero_shot", 0, res["zero_shot"])]
-        settings += [("adapted", int(k), res["adapted"][k]) for k in res.get("adapted", {}) if k.isdigit()]
-        for setting, k, scores in settings:
+    for name, res in Results.from_dict(result).datasets.items():
+        settings = [("zero_shot", 0, res.zero_shot, None)]
+        settings += [("adapted", k, shot, shot.episodes) for k, shot in res.adapted.items()]
+        for setting, k, scores, count in settings:
             for reduction in ("dataset", "image"):
-                s = scores if reduction == "dataset" else scores["image"]
-                for metric in ("miou", "mf1", "pixel_acc", "fg_iou", "fg_dice", "iou", "f1", "precision", "recall"):
-                    if metric not in s:
+                for metric in CSV_METRICS:
+                    if not scores.has(metric, reduction):
                         continue
-                    value = s[metric]
-                    per_class = metric in ("iou", "f1", "precision", "recall")
-                    count = scores.get("episodes") if setting == "adapted" else None
-                    for c in range(len(value["mean"] if setting == "adapted" else value) if per_class else 1):
-                        if setting == "adapted":
-                            mean = value["mean"][c] if per_class else value["mean"]
-                            ci = value["ci95"][c] if per_class else value["ci95"]
-                        else:
-                            mean, ci = (value[c] if per_class else value), None
+                    value = scores.get(metric, reduction)
+                    mean, ci = (value.mean, value.ci95) if isinstance(value, Estimate) else (value, None)
+                    per_class = metric in PER_CLASS
+                    for c in range(len(mean) if per_class else 1):
                         cname = (classes[c] if classes else str(c)) if per_class else ""
                         rows.append({"dataset": name, "setting": setting, "shots": k, "reduction": reduction,
-                                     "metric": metric, "class": cname, "mean": _num(mean), "ci95": _num(ci),
-                                     "n": count})
+                                     "metric": metric, "class": cname, "mean": _num(mean[c] if per_class else mean),
+                                     "ci95": _num(ci[c] if per_class and ci is not None else ci), "n": count})
     return rows
 
 
 def csv_report(result: dict) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in csv_rows(result):
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return buf.getvalue()
+    return csv_text(CSV_FIELDS, ([row[f] for f in CSV_FIELDS] for row in csv_rows(result)))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -412,7 +401,7 @@ def write_reports(result: dict, pictures: dict[str, torch.Tensor], run_dir: str 
         save_png(grid, run_dir / rel)
         paths[name] = rel
     result = {**result, "pictures": paths}
-    if _curves(result):
+    if has_curves(result):
         plot_curves(result, run_dir / CURVE_PNG)
     _write_text(run_dir / "eval.csv", csv_report(result))
     _write_text(run_dir / "eval.md", markdown_report(result))

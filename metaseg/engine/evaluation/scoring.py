@@ -4,7 +4,7 @@
 was trained and adapted at), a batch of images per forward pass.
 
 ``slide`` mode scores against the original mask: for every image, ``dataset.full_resolution(i)``
-(when the dataset has it; otherwise the ordinary sample) is covered by windows of the training
+(a dataset rendered at the training size gives its ordinary sample) is covered by windows of the training
 size at a given stride, the logits of overlapping windows are averaged, and the argmax is taken
 at the original resolution. As in mmsegmentation's ``slide_inference``, the last window of a
 row or column is shifted back to end at the image border, and an image smaller than the window
@@ -25,9 +25,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from metaseg.data.tasks import collate
+from metaseg.data.view import SegmentationDataset
 
 MODES = ("resize", "slide")
 
@@ -38,12 +38,6 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
         return [0]
     count = math.ceil((length - window) / stride) + 1
     return sorted({min(i * stride, length - window) for i in range(count)})
-
-
-def full_resolution_sample(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dataset.full_resolution(index)`` when the dataset has it, else the ordinary sample."""
-    fn = getattr(dataset, "full_resolution", None)
-    return fn(index) if callable(fn) else dataset[index]
 
 
 @dataclass
@@ -58,16 +52,6 @@ class _Pending:
     left: int  # windows not yet predicted
     logits: Optional[torch.Tensor] = None
     count: Optional[torch.Tensor] = None
-
-
-@torch.inference_mode()
-def slide_logits(model: nn.Module, image: torch.Tensor, window: Sequence[int], stride: Sequence[int],
-                 batch_size: int, precision=None) -> torch.Tensor:
-    """Averaged sliding-window logits (K, H, W) of one normalised image (C, H, W)."""
-    for _, logits, _ in slide(model, iter([(0, image, torch.zeros(image.shape[-2:]))]), window, stride,
-                               batch_size, precision):
-        return logits
-    raise AssertionError("unreachable")
 
 
 def _autocast(precision):
@@ -118,7 +102,7 @@ def slide(model, items: Iterator, window, stride, batch_size: int, precision):
     yield from finished()
 
 
-def predictions(model: nn.Module, dataset: Dataset, indices: Sequence[int], device: torch.device,
+def predictions(model: nn.Module, dataset: SegmentationDataset, indices: Sequence[int], device: torch.device,
                 batch_size: int, precision=None, *, mode: str = "resize",
                 window: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
@@ -143,7 +127,7 @@ def predictions(model: nn.Module, dataset: Dataset, indices: Sequence[int], devi
 
     def items():
         for i in indices:
-            image, mask = full_resolution_sample(dataset, int(i))
+            image, mask = dataset.full_resolution(int(i))
             yield int(i), image.to(device), mask.to(device)
 
     for index, logits, mask in slide(model, items(), window, stride, batch_size, precision):

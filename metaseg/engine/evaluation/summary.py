@@ -4,12 +4,15 @@ A score alone ("5-shot mIoU 26.4") does not say whether training helped; beside 
 episodes adapted from a random initialisation of the same model (``metaseg.engine.evaluation.baseline``)
 do. For each held-out dataset and setting (zero-shot, every k) the table gives both, their
 difference with the 95% interval of the per-episode differences (both models score the same
-seeded episodes, so the comparison is paired), and whether that interval excludes 0. Zero-shot scores are one number on every image, with no
-interval to compare. The headline metric is foreground Dice for a binary label space (what
-vessel, polyp and lesion papers quote) and mIoU otherwise, both the dataset reduction.
+seeded episodes, so the comparison is paired), and whether that interval excludes 0. Zero-shot
+scores are one number on every image, with no interval to compare. The headline metric is
+foreground Dice for a binary label space (what vessel, polyp and lesion papers quote) and mIoU
+otherwise, both the dataset reduction. :func:`paired_difference` is the one paired comparison
+of the project: the study script takes its differences between arms with it too.
 
-One writer serves the console (``metaseg-train`` and ``metaseg-eval`` log it last) and
-``eval.md``: a Markdown table with padded columns reads as well in a terminal as rendered.
+One section serves the console (``metaseg-train`` and ``metaseg-eval`` log it last) and
+``eval.md``: a Markdown table with padded columns (``metaseg.utils.tables``) reads as well in a
+terminal as rendered.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from metaseg.engine.evaluation.results import Estimate, Results, ShotResult
 from metaseg.metrics import mean_ci95
+from metaseg.utils.tables import markdown_table
 
 KEY = "baseline"  # the random-init baseline's entry in eval.json and metrics.json (metaseg.engine.evaluation.baseline)
 RANDOM = "random init"  # its name in the table and the log
@@ -59,14 +64,24 @@ class Row:
         return abs(d) > self.trained_ci + self.random_ci
 
 
-def paired_interval(a: dict, b: dict, metric: str) -> Optional[float]:
-    """The 95% half-width of ``a - b`` episode by episode, where both scored the same episodes
-    (the same supports, so the same seeded queries): the spread the episodes share cancels,
-    which two separate intervals would count twice. None without per-episode scores."""
-    x, y = a.get("per_episode") or [], b.get("per_episode") or []
-    if len(x) < 2 or len(x) != len(y) or any(p.get("support") != q.get("support") for p, q in zip(x, y)):
+def paired_difference(x: Sequence[float], y: Sequence[float]) -> Optional[Estimate]:
+    """Mean and 95% interval of ``x - y`` value by value: two models' (or two step counts') scores on
+    the same seeded episodes. The spread the episodes share (an easy or a hard query image) cancels,
+    which two separate intervals would count twice. None without values, or with unequal counts."""
+    if not x or not y or len(x) != len(y):
         return None
-    return _num(mean_ci95([p[metric] - q[metric] for p, q in zip(x, y)])["ci95"])
+    m = mean_ci95([u - v for u, v in zip(x, y)])
+    return Estimate(m["mean"], m["ci95"])
+
+
+def paired_interval(a: ShotResult, b: ShotResult, metric: str) -> Optional[float]:
+    """The 95% half-width of ``a - b`` episode by episode, where both scored the same episodes
+    (the same supports, so the same seeded queries). None without per-episode scores, or with
+    fewer than two episodes (a zero-width interval says nothing)."""
+    if len(a.per_episode) < 2 or a.supports != b.supports:
+        return None
+    d = paired_difference(a.values(metric), b.values(metric))
+    return None if d is None else _num(d.ci95)
 
 
 def _num(value: Any) -> Optional[float]:
@@ -76,41 +91,39 @@ def _num(value: Any) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def _interval(summary: dict, metric: str) -> Optional[float]:
+def _interval(shot: ShotResult, metric: str) -> Optional[float]:
     """The 95% half-width, or None where it says nothing (fewer than two episodes)."""
-    return _num(summary[metric]["ci95"]) if summary.get("episodes", 0) >= 2 else None
+    return _num(shot.get(metric).ci95) if (shot.episodes or 0) >= 2 else None
 
 
 def headline_metric(result: dict) -> str:
     """``fg_dice`` where the label space is binary (its scores carry the foreground's), else ``miou``."""
-    scores = [res["zero_shot"] for res in result.get("datasets", {}).values()]
-    return "fg_dice" if scores and all("fg_dice" in s for s in scores) else "miou"
+    scores = [res.zero_shot for res in Results.from_dict(result).datasets.values()]
+    return "fg_dice" if scores and all(s.has("fg_dice") for s in scores) else "miou"
 
 
-def shots(result: dict) -> list[str]:
+def shots(result: dict) -> list[int]:
     """The k of the result's episodes, in the order they were run."""
-    for res in result.get("datasets", {}).values():
-        if "adapted" in res:
-            return [k for k in res["adapted"] if k.isdigit()]
-    return []
+    return Results.from_dict(result).shots
 
 
 def rows(result: dict) -> list[Row]:
     """The table's rows: per held-out dataset, zero-shot then every k, with the baseline where present."""
-    metric, ks = headline_metric(result), shots(result)
-    base = (result.get(KEY) or {}).get("datasets", {})
+    metric, trained = headline_metric(result), Results.from_dict(result)
+    base = Results.from_dict(result.get(KEY)).datasets
+    ks = trained.shots
     out = []
-    for name, res in result.get("datasets", {}).items():
+    for name, res in trained.datasets.items():
         other = base.get(name)
-        out.append(Row(name, "zero-shot", _num(res["zero_shot"][metric]),
-                       random=_num(other["zero_shot"][metric]) if other else None))
+        out.append(Row(name, "zero-shot", _num(res.zero_shot.get(metric)),
+                       random=_num(other.zero_shot.get(metric)) if other else None))
         for k in ks:
-            a = res.get("adapted", {}).get(k)
-            b = other.get("adapted", {}).get(k) if other else None
+            a = res.adapted.get(k)
+            b = other.adapted.get(k) if other else None
             if a is None:
                 continue
-            out.append(Row(name, f"{k}-shot", _num(a[metric]["mean"]), _interval(a, metric),
-                           _num(b[metric]["mean"]) if b else None, _interval(b, metric) if b else None,
+            out.append(Row(name, f"{k}-shot", _num(a.get(metric).mean), _interval(a, metric),
+                           _num(b.get(metric).mean) if b else None, _interval(b, metric) if b else None,
                            paired_interval(a, b, metric) if b else None))
     return out
 
@@ -134,27 +147,19 @@ def table(result: dict, model: str = "trained") -> list[str]:
     for r in rows(result):
         cells = [r.dataset, r.setting, _pct(r.trained, r.trained_ci)]
         if with_base:
-            d = r.difference
-            diff = "–" if d is None else f"{100 * d:+.1f}" + ("" if r.paired_ci is None else f" ± {100 * r.paired_ci:.1f}")
+            d, ci = r.difference, r.paired_ci
+            diff = "–" if d is None else f"{100 * d:+.1f}" + ("" if ci is None else f" ± {100 * ci:.1f}")
             cells += [_pct(r.random, r.random_ci), diff, _yes_no(r.beyond_cis)]
         body.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    right = [False, False] + [True] * (len(head) - 2)
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
-    return [line(head), rule, *[line(cells) for cells in body]]
+    return markdown_table(head, body, align="llr", pad=True)
 
 
 def adaptation(result: dict) -> str:
     """How the k-shot columns adapted, in words: "3 steps at lr 0.1"."""
-    ks = shots(result)
-    for res in result.get("datasets", {}).values():
-        a = res.get("adapted", {}).get(ks[0]) if ks else None
+    for res in Results.from_dict(result).datasets.values():
+        a = res.first
         if a:
-            steps, lr = a["adapt_steps"], a["adapt_lr"]
+            steps, lr = a.adapt_steps, a.adapt_lr
             return (f"{steps} step{'' if steps == 1 else 's'} at "
                     f"{'the learned step sizes' if lr is None else f'lr {lr:g}'}")
     return "no adaptation (zero-shot only)"

@@ -11,50 +11,30 @@ result, so ``trainer.best_metric=val.mean.adapted_miou`` (the default) names its
 
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from metaseg.engine.evaluation.protocol import evaluate_heldout, shot_list
-from metaseg.meta.maml import MetaLearner
+from metaseg.engine.evaluation.protocol import evaluate_heldout
+from metaseg.engine.evaluation.settings import validate_eval
+from metaseg.meta import MetaLearner
 from metaseg.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 VAL_PREFIX = "val."
 
 
-def validation_eval_cfg(eval_cfg: Any, *, adapt_lr: Optional[float] = None, adapt_steps: Optional[int] = None,
-                        episodes: Optional[int] = None, shots: Optional[Any] = None) -> Any:
-    """``eval_cfg`` as validation runs it: no pictures, ``eval.val_episodes`` episodes, the first k of
-    ``eval.shots``, optional overrides."""
-    cfg = copy.deepcopy(eval_cfg) if OmegaConf.is_config(eval_cfg) else OmegaConf.create(dict(eval_cfg))
-    with open_dict(cfg):
-        cfg.pictures = 0
-        cfg.mode = "resize"  # data.patches: slide instead (evaluate.patch_mode)
-        cfg.validation = True
-        val_episodes = cfg.get("val_episodes")
-        cfg.episodes = int(episodes if episodes is not None else
-                           (val_episodes if val_episodes is not None else cfg.episodes))
-        # the first k of eval.shots: the one best.pt (mean.adapted_*) and eval.tune read; a small
-        # training site need not keep images for the held-out protocol's largest k
-        cfg.shots = shots if shots is not None else shot_list(cfg)[:1]
-        if adapt_lr is not None:
-            cfg.adapt_lr = float(adapt_lr)
-        if adapt_steps is not None:
-            cfg.adapt_steps = int(adapt_steps)
-    return cfg
-
-
 def evaluate_validation(learner: MetaLearner, val: dict[str, Dataset], num_classes: int, eval_cfg: Any,
                         device: torch.device, seed: int, classes=None, **overrides: Any) -> dict:
-    """Validation-task scores of ``learner`` (the ``eval.json`` structure, without pictures)."""
-    result = evaluate_heldout(learner, val, num_classes, validation_eval_cfg(eval_cfg, **overrides), device, seed,
-                              classes)
-    return dict(result)
+    """Validation-task scores of ``learner`` (the ``eval.json`` structure, without pictures).
+
+    ``eval_cfg``: the evaluation's ``EvalSettings`` (or an ``EvalConfig``, checked here), scored as
+    :meth:`~metaseg.engine.evaluation.settings.EvalSettings.for_validation` says, with its
+    ``overrides`` (``adapt_lr``, ``adapt_steps``, ``episodes``, ``shots``)."""
+    settings = validate_eval(eval_cfg).for_validation(**overrides)
+    return dict(evaluate_heldout(learner, val, num_classes, settings, device, seed, classes, validation=True))
 
 
 def check_selection_metric(metric: str, val: dict[str, Dataset], heldout: dict[str, Dataset]) -> None:

@@ -5,9 +5,9 @@ unlabelled ones: give me masks."
 
 1. **Model.** A checkpoint (any algorithm, ``erm`` included) with its size, mean/std and
    adaptation settings, or ``checkpoint=none``: the ``model`` group at random init, which only
-   makes sense fine-tuned on a support. The same functions as ``metaseg-eval`` load it
-   (``engine/evaluation/checkpoint_eval.py``), so a support whose classes differ from the checkpoint's
-   gets a new head, set from the support prototypes, exactly as in evaluation.
+   makes sense fine-tuned on a support. ``metaseg-eval``'s loader loads it (``engine/load.py``),
+   so a support whose classes differ from the checkpoint's gets a new head, set from the support
+   prototypes, exactly as in evaluation.
 2. **Adaptation** (when ``support`` is given). Every image of the support folder, read with the
    ``data`` group (``data=folder``: the same layout, value mapping and checks as everywhere
    else) at the checkpoint's size, is one support batch; ``MetaLearner.adapt`` takes
@@ -23,7 +23,7 @@ unlabelled ones: give me masks."
    evaluation. An image that cannot be read is skipped and named at the end, never fatal.
 4. **Outputs** in ``out``: ``masks/<stem>.png`` and ``overlays/<stem>.png``
    (``engine/prediction/files.py``), ``predict.json`` (what was done, per image and skipped), and
-   with ``save_adapted`` the adapted model (``engine/export.py``). Every file is written
+   with ``save_adapted`` the adapted model (``engine/prediction/export.py``). Every file is written
    atomically.
 """
 
@@ -34,7 +34,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -49,16 +48,13 @@ from tqdm.auto import tqdm
 
 from metaseg.data.decode import fit_image
 from metaseg.data.tasks import collate
-from metaseg.engine.evaluation.checkpoint_eval import (
-    NO_CHECKPOINT, adaptation_learner, baseline_meta, check_baseline, checkpoint_model, heldout_data, heldout_mix,
-    is_baseline, read_checkpoint)
 from metaseg.engine.prediction.export import (
     ADAPTED_CHECKPOINT, ADAPTED_SMP, adapted_config, export_smp, save_adapted_checkpoint)
 from metaseg.engine.evaluation.scoring import MODES, slide
+from metaseg.engine.load import NO_CHECKPOINT, Source, adaptation_learner, is_baseline, load
 from metaseg.engine.prediction.files import (
     MASK_FORMATS, MaskWriter, list_images, load_rgb, save_overlay, support_values)
 from metaseg.meta.precision import Precision
-from metaseg.models.factory import build_model
 from metaseg.utils.errors import ConfigError
 from metaseg.utils.runtime import resolve_device, seed_everything, write_json
 
@@ -123,71 +119,34 @@ def support_data(cfg: Any) -> Optional[Any]:
     return data
 
 
-@dataclass
-class Source:
-    """The model to adapt, and everything that says how it sees images."""
-
-    model: nn.Module
-    model_cfg: Any
-    meta_cfg: Any
-    classes: list[str]
-    size: int
-    mean: list[float]
-    std: list[float]
-    head: dict
-    step: Optional[int] = None
-    checkpoint: dict = field(default_factory=dict)  # the loaded checkpoint ({} for checkpoint=none)
-    train_cfg: Optional[Any] = None  # its config (None for checkpoint=none)
-    data_cfg: Optional[Any] = None  # the support data as read (None: zero-shot)
-    support: Optional[Any] = None  # the support dataset (normalised, at ``size``)
-    labels: Optional[Any] = None  # the support's LabelMap (masks=support), if it has one
-
-
 def _support_set(mix) -> tuple[Any, Optional[Any]]:
     """Every held-out dataset of the support mix as one dataset, and its label map when there is one dataset."""
     parts = list(mix.heldout.values())
-    labels = getattr(getattr(parts[0], "source", None), "labels", None) if len(parts) == 1 else None
+    labels = getattr(parts[0].base, "labels", None) if len(parts) == 1 else None  # a folder's files have one
     return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), labels
 
 
-def load_source(cfg: Any) -> Source:
-    """The model (checkpoint or ``checkpoint=none``) and, when a support is given, the support data."""
+def load_source(cfg: Any) -> tuple[Source, Optional[Any], Optional[Any]]:
+    """The model (checkpoint or ``checkpoint=none``, ``engine/load.py``) and, when a support is given, the support
+    as one dataset (normalised, at the source's size) and its LabelMap (``masks=support``), if it has one."""
     data = support_data(cfg)
-    if is_baseline(cfg.checkpoint):
-        if data is None:
-            raise ConfigError("checkpoint=none has nothing to predict with: give support=DIR, the labelled images "
-                              "to fine-tune a random-init model on, or a trained checkpoint=CKPT")
-        check_baseline(data, cfg.model)
-        mix = heldout_mix(data)
-        support, labels = _support_set(mix)
-        model = build_model(cfg.model, mix.num_classes)
-        return Source(model, cfg.model, baseline_meta(cfg), list(mix.classes), int(data.size), list(data.mean),
-                      list(data.std), {"kind": "random", "checkpoint_classes": None, "init": None},
-                      data_cfg=data, support=support, labels=labels)
-    ckpt, train_cfg = read_checkpoint(cfg.checkpoint)
-    trained = train_cfg.data
-    support = labels = None
-    if data is not None:
-        data = heldout_data(data, trained)
-        mix = heldout_mix(data)
-        support, labels = _support_set(mix)
-        classes = list(mix.classes)
-    else:
-        classes = list(ckpt.get("classes") or trained.classes)
-    model, head = checkpoint_model(ckpt, train_cfg, classes, str(cfg.checkpoint))
-    size = int(data.size if data is not None else trained.size)  # images are segmented at the size adapted at
-    return Source(model, train_cfg.model, train_cfg.meta, classes, size, list(trained.mean), list(trained.std),
-                  head, ckpt.get("step"), ckpt, train_cfg, data, support, labels)
+    baseline = is_baseline(cfg.checkpoint)
+    if baseline and data is None:
+        raise ConfigError("checkpoint=none has nothing to predict with: give support=DIR, the labelled images "
+                          "to fine-tune a random-init model on, or a trained checkpoint=CKPT")
+    source = load(None if baseline else str(cfg.checkpoint), data, model=cfg.model, meta=cfg.meta, seed=cfg.seed)
+    support, labels = _support_set(source.mix) if source.mix is not None else (None, None)
+    return source, support, labels
 
 
-def _adapt(source: Source, cfg: Any, device: torch.device, precision: Precision) -> tuple[nn.Module, dict]:
-    """The model adapted on the whole support (or the model itself, zero-shot), and a record of it."""
+def _adapt(source: Source, support: Optional[Any], cfg: Any, device: torch.device,
+           precision: Precision) -> tuple[nn.Module, dict]:
+    """The model adapted on the whole ``support`` (or the model itself, zero-shot), and a record of it."""
     model = source.model.to(device)
-    if source.support is None:
+    if support is None:
         return model, {}
-    learner = adaptation_learner(model, source.meta_cfg, precision, source.head,
-                                 source.checkpoint.get("meta_state"))
-    images, masks = collate(source.support, range(len(source.support)))
+    learner = adaptation_learner(model, source.meta_cfg, precision, source.head, source.meta_state)
+    images, masks = collate(support, range(len(support)))
     images, masks = images.to(device), masks.to(device)
     steps = cfg.adapt.steps if cfg.adapt.steps is not None else learner.inner_steps
     t0 = time.perf_counter()
@@ -199,8 +158,7 @@ def _adapt(source: Source, cfg: Any, device: torch.device, precision: Precision)
     log.info("adapted on %d support image(s): %d step(s) at lr %s; support loss %.4f -> %.4f (%.1fs)", len(images),
              steps, cfg.adapt.lr if cfg.adapt.lr is not None else f"{learner.inner_lr:g} (the checkpoint's)", before,
              after, seconds)
-    stems = [p.stem for ds in getattr(source.support, "datasets", [source.support])
-             for p in getattr(getattr(ds, "source", None), "pairs", [])]
+    stems = [p.stem for ds in getattr(support, "datasets", [support]) for p in ds.base.pairs]
     record = {"images": len(images), "stems": stems, "root": str(source.data_cfg.root),
               "steps": int(steps), "lr": cfg.adapt.lr, "checkpoint_lr": learner.inner_lr,
               "support_loss_before": before, "support_loss_after": after, "seconds": seconds}
@@ -258,12 +216,12 @@ def segment_folder(cfg: Any) -> dict:
     out = Path(os.path.expanduser(str(cfg.out)))
     device = resolve_device(cfg.device)
     precision = Precision(cfg.precision, device.type)
-    source = load_source(cfg)
-    if cfg.masks == "support" and source.labels is None:
+    source, support, labels = load_source(cfg)
+    if cfg.masks == "support" and labels is None:
         raise ConfigError("masks=support needs one labelled support dataset to take the mask values from: give "
                           "support=DIR, or use masks=index")
-    model, adapted = _adapt(source, cfg, device, precision)
-    writer = MaskWriter(source.classes, support_values(source.labels, source.classes) if cfg.masks == "support"
+    model, adapted = _adapt(source, support, cfg, device, precision)
+    writer = MaskWriter(source.classes, support_values(labels, source.classes) if cfg.masks == "support"
                         else None)
     segmenter = Segmenter(model, source, cfg, device, precision)
     log.info("segmenting %d image(s) of %s into %s: %s mode at %d px, classes %s", len(files), cfg.images, out,
@@ -302,7 +260,7 @@ def segment_folder(cfg: Any) -> dict:
                     bar.update(1)
                 else:
                     good.append((path, image))
-            if not stats_batch and good and cfg.save_adapted and source.support is None:
+            if not stats_batch and good and cfg.save_adapted and support is None:
                 stats_batch.extend(segmenter.tensor(fit_image(im, (source.size, source.size))) for _, im in good)
             return good
 
@@ -339,7 +297,7 @@ def segment_folder(cfg: Any) -> dict:
         "files": written,
     }
     if cfg.save_adapted:
-        result["adapted_model"] = _save_adapted(model, source, cfg, out, adapted, stats_batch)
+        result["adapted_model"] = _save_adapted(model, source, support, cfg, out, adapted, stats_batch)
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     result["seconds"] = time.perf_counter() - t0
     write_json(out / SUMMARY, result)
@@ -351,15 +309,15 @@ def segment_folder(cfg: Any) -> dict:
     return result
 
 
-def _save_adapted(model: nn.Module, source: Source, cfg: Any, out: Path, adapted: dict,
+def _save_adapted(model: nn.Module, source: Source, support: Optional[Any], cfg: Any, out: Path, adapted: dict,
                   stats_batch: list[torch.Tensor]) -> dict:
-    """``adapted.pt`` and ``adapted_smp/`` (``engine/export.py``); returns their paths (relative to ``out``)."""
+    """``adapted.pt`` and ``adapted_smp/`` (``engine/prediction/export.py``): their paths, relative to ``out``."""
     config = adapted_config(source.train_cfg, source.data_cfg, source.model_cfg, source.meta_cfg, cfg.seed)
     record = {"from": NO_CHECKPOINT if is_baseline(cfg.checkpoint) else str(cfg.checkpoint), **(adapted or {})}
     save_adapted_checkpoint(out / ADAPTED_CHECKPOINT, model, source=source.checkpoint, config=config,
                             classes=source.classes, step=source.step, record=record)
-    if source.support is not None:
-        stats = collate(source.support, range(len(source.support)))[0]
+    if support is not None:
+        stats = collate(support, range(len(support)))[0]
     elif stats_batch:
         stats = torch.stack(stats_batch)
     else:  # nothing was readable

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metaseg.data.tasks import Task, TaskSampler
-from metaseg.meta.maml import pixel_cross_entropy
+from metaseg.meta.losses import pixel_cross_entropy
 
 MONITOR_SEED_SALT = 0x6D6F6E  # "mon": the monitor tasks' generator is independent of training's
 

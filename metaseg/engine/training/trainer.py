@@ -20,34 +20,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from metaseg.data.mix import build_mix
-from metaseg.data.splits import check_validation_sizes
-from metaseg.data.tasks import TaskSampler
 from metaseg.engine import distributed
-from metaseg.engine.build import make_learner, validate_meta
 from metaseg.engine.checkpoint import BEST, LAST, checkpoint_dir, claim_run_dir, resume_training, save_checkpoint
 from metaseg.engine.evaluation import summary
 from metaseg.engine.evaluation.baseline import evaluate_baseline
-from metaseg.engine.evaluation.protocol import (PATCH_MODE_FIX, check_heldout_sizes, evaluate_heldout, shot_list,
-                                                 validate_eval)
-from metaseg.engine.evaluation.report import CURVE_PNG, plot_curves
-from metaseg.engine.evaluation.tune import tune_adaptation, tuned_eval_cfg
-from metaseg.engine.evaluation.validation import check_selection_metric, evaluate_validation, log_validation
+from metaseg.engine.evaluation.protocol import PATCH_MODE_FIX, evaluate_heldout
+from metaseg.engine.evaluation.report import CURVE_PNG, has_curves, plot_curves
+from metaseg.engine.evaluation.results import Results
+from metaseg.engine.evaluation.settings import validate_eval
+from metaseg.engine.evaluation.tune import tune_adaptation, tuned_settings
+from metaseg.engine.evaluation.validation import evaluate_validation, log_validation
 from metaseg.engine.state import capture, honours_determinism, kill_if_requested, rng_isolated
 from metaseg.engine.training.best import BestTracker
 from metaseg.engine.training.budget import Budget, write_budget
-from metaseg.engine.training.init_from import initialise
 from metaseg.engine.training.monitor import InnerLoopMonitor, outer_grad_norm, progress
+from metaseg.engine.training.setup import build_run
 from metaseg.engine.training.stages import STAGE_DIR, pretrain_stage
+from metaseg.meta.from_config import make_learner, validate_meta
 from metaseg.meta.precision import Precision
 from metaseg.meta.safety import DivergenceWatch
-from metaseg.models.factory import build_model
 from metaseg.models.weights import fill_normalisation, weights_normalisation
 from metaseg.utils.errors import ConfigError
-from metaseg.utils.runtime import atomic_write, resolve_device, seed_everything, write_json
+from metaseg.utils.runtime import atomic_write, resolve_device, write_json
 
 log = logging.getLogger(__name__)
 HELDOUT_EVALS = ("always", "final")  # trainer.eval_heldout: which evaluations score the held-out datasets
@@ -63,7 +60,7 @@ def validate(cfg: Any) -> None:
                             ("data.size", cfg.data.size, 8)):
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
-    validate_eval(e)
+    settings = validate_eval(e)
     if cfg.data.get("patches") and cfg.data.heldout and e.mode != "slide":
         raise ConfigError(PATCH_MODE_FIX)
     for key, value in (("meta.inner_lr", m.inner_lr), ("meta.outer_lr", m.outer_lr)):
@@ -77,7 +74,7 @@ def validate(cfg: Any) -> None:
                           f"metric (val.{t.best_metric}) or trainer.eval_heldout=always")
     if t.best_mode not in ("max", "min"):
         raise ConfigError(f"trainer.best_mode={t.best_mode!r} is not one of max, min")
-    if t.best_metric.removeprefix("val.").startswith("mean.adapted") and (not shot_list(e) or e.episodes < 1):
+    if t.best_metric.removeprefix("val.").startswith("mean.adapted") and not settings.episode_shots:
         raise ConfigError(f"trainer.best_metric={t.best_metric!r} needs adapted scores, but eval.shots={e.shots} "
                           f"and eval.episodes={e.episodes}: raise both to >= 1 or pick trainer.best_metric="
                           f"mean.zero_shot_miou")
@@ -115,27 +112,17 @@ def settle_normalisation(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 def _log_eval(writer: SummaryWriter, result: dict, step: int) -> None:
     """Held-out scores (both reductions, every k) and the picture grids, as evaluate_heldout returns them."""
-    for name, res in result["datasets"].items():
+    for name, res in Results.from_dict(result).datasets.items():
         for key in ("miou", "mf1"):
-            writer.add_scalar(f"heldout/{name}/zero_shot_{key}", res["zero_shot"][key], step)
-            writer.add_scalar(f"heldout/{name}/zero_shot_image_{key}", res["zero_shot"]["image"][key], step)
-            if "adapted" in res:
-                writer.add_scalar(f"heldout/{name}/adapted_{key}", res["adapted"][key]["mean"], step)
-                writer.add_scalar(f"heldout/{name}/adapted_image_{key}", res["adapted"]["image"][key]["mean"], step)
-                for k in (k for k in res["adapted"] if k.isdigit()):
-                    writer.add_scalar(f"heldout/{name}/{k}shot_{key}", res["adapted"][k][key]["mean"], step)
+            writer.add_scalar(f"heldout/{name}/zero_shot_{key}", res.zero_shot.get(key), step)
+            writer.add_scalar(f"heldout/{name}/zero_shot_image_{key}", res.zero_shot.get(key, "image"), step)
+            if res.adapted:
+                writer.add_scalar(f"heldout/{name}/adapted_{key}", res.first.get(key).mean, step)
+                writer.add_scalar(f"heldout/{name}/adapted_image_{key}", res.first.get(key, "image").mean, step)
+                for k, shot in res.adapted.items():
+                    writer.add_scalar(f"heldout/{name}/{k}shot_{key}", shot.get(key).mean, step)
     for name, grid in getattr(result, "pictures", {}).items():
         writer.add_image(f"predictions/{name}", grid, step)
-
-
-def without_curve(eval_cfg: Any) -> Any:
-    """``eval_cfg`` with no adaptation curve: intermediate evaluations pick best.pt, not figures."""
-    if not eval_cfg.get("curve_steps"):
-        return eval_cfg
-    cfg = copy.deepcopy(eval_cfg)
-    with open_dict(cfg):
-        cfg.curve_steps = []
-    return cfg
 
 
 def stop_early(trainer_cfg, best: BestTracker, step: int) -> bool:
@@ -156,7 +143,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         cfg = settle_normalisation(cfg, run_dir)  # before the data is built, and before the config is checkpointed
         cfg = pretrain_stage(cfg, run_dir, train)  # pretrain.steps: a first stage, then meta.init_from its weights
-        seed_everything(cfg.seed)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         device = resolve_device(cfg.trainer.device)
@@ -174,25 +160,11 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     device = ctx.device
     distributed.check_meta_batch(cfg.meta.meta_batch, ctx.world_size)
     distributed.quiet_logging(ctx)
-    precision = Precision(cfg.trainer.precision, device.type)
     meta = cfg.meta
-
-    mix = build_mix(cfg.data, validation=True)  # Mix.val: validation tasks for best.pt (engine/evaluation/validation.py)
-    check_selection_metric(cfg.trainer.best_metric, mix.val, mix.heldout)
-    if cfg.eval.episodes >= 1:
-        check_validation_sizes(mix.val, shot_list(cfg.eval)[:1])  # validation adapts with the first k only
-    sampler = TaskSampler(mix.train, mix.weights, meta.shots, meta.query, seed=cfg.seed, query_from=meta.query_from)
-    sampler.shard(ctx.rank, ctx.world_size)  # same stream on every rank, each loads its slice
-    check_heldout_sizes(mix.heldout, cfg.eval)
-    model = build_model(cfg.model, mix.num_classes)
-    if meta.init_from:  # before resume, which overwrites it with the run's own state
-        initialise(model, meta.init_from, mix.classes, strict=cfg.model.strict_weights)
-    model = model.to(device)
-    learner = make_learner(model, meta, precision, max_steps=cfg.trainer.max_steps, model_cfg=cfg.model)
-    if ctx.world_size > 1:
-        learner.grad_sync = distributed.GradSync()
-    optimizer = learner.make_optimizer()
-    scaler = precision.grad_scaler()
+    settings = validate_eval(cfg.eval)  # every evaluation below reads the eval block as these typed settings
+    run = build_run(cfg, ctx)  # seeded: datasets, task sampler, model, learner, optimizer (engine/training/setup.py)
+    mix, sampler, model, learner = run.mix, run.sampler, run.model, run.learner
+    optimizer, scaler, precision = run.optimizer, run.scaler, run.precision
     resolved = OmegaConf.to_container(cfg, resolve=True)
     best = BestTracker(cfg.trainer.best_metric, cfg.trainer.best_mode)
     budget = Budget(model)  # images through forward/backward passes and seconds of the outer steps
@@ -206,6 +178,17 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
     distributed.offset_streams(cfg.seed, start_step, ctx.rank)
     distributed.broadcast_tensors([*learner.parameters(), *model.buffers()])
     watch = DivergenceWatch.of(learner)  # losses or weights grown by orders of magnitude stop the run
+    log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
+             "%s order, precision %s, device %s", learner.name, cfg.model.arch + "-" + cfg.model.encoder,
+             list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
+             meta.inner_lr, meta.outer_lr, "first" if learner.is_first_order(cfg.trainer.max_steps) else "second",
+             precision.mode, device)
+    if ctx.world_size > 1:
+        log.info("%d processes (backend %s), %d of the %d tasks of each step on rank 0", ctx.world_size,
+                 distributed.backend_for(device), len(sampler.share(meta.meta_batch)), meta.meta_batch)
+    # purge_step: a resumed run drops the events the killed one logged after its checkpoint
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None) \
+        if ctx.main else None
 
     def main_only(fn):  # checkpoints and tensorboard: rank 0 writes, the others skip
         return fn if ctx.main else (lambda *args, **kwargs: None)
@@ -220,10 +203,11 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
 
     def evaluate(step: int, final: bool = False) -> dict:
         with rng_isolated():
-            eval_cfg = cfg.eval if final else without_curve(cfg.eval)  # the adaptation curve: once, at the end
+            # intermediate evaluations pick best.pt: the adaptation curve only once, at the end
+            eval_cfg = settings if final else settings.without_curve()
             if final and cfg.eval.tune:  # the final held-out scores with adaptation tuned on validation tasks
-                tuning = tune_adaptation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed, mix.classes)
-                eval_cfg = tuned_eval_cfg(cfg.eval, tuning)
+                tuning = tune_adaptation(learner, mix.val, mix.num_classes, settings, device, cfg.seed, mix.classes)
+                eval_cfg = tuned_settings(settings, tuning)
             heldout = mix.heldout if final or cfg.trainer.eval_heldout == "always" else {}
             result = evaluate_heldout(learner, heldout, mix.num_classes, eval_cfg, device, cfg.seed, mix.classes)
             if final and cfg.eval.tune:
@@ -235,23 +219,12 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
             if writer is not None:
                 _log_eval(writer, result, step)  # with the evaluation's own picture grids (eval.pictures)
             if mix.val:
-                result["val"] = evaluate_validation(learner, mix.val, mix.num_classes, cfg.eval, device, cfg.seed,
+                result["val"] = evaluate_validation(learner, mix.val, mix.num_classes, settings, device, cfg.seed,
                                                     mix.classes)
                 if writer is not None:
                     log_validation(writer, result["val"], step)
         return result
 
-    log.info("%s-training %s on %s, held out %s; %d outer steps of %d tasks, K=%d, alpha=%g, beta=%g, "
-             "%s order, precision %s, device %s", learner.name, cfg.model.arch + "-" + cfg.model.encoder,
-             list(mix.train), list(mix.heldout), cfg.trainer.max_steps, meta.meta_batch, meta.inner_steps,
-             meta.inner_lr, meta.outer_lr, "first" if learner.is_first_order(cfg.trainer.max_steps) else "second",
-             precision.mode, device)
-    if ctx.world_size > 1:
-        log.info("%d processes (backend %s), %d of the %d tasks of each step on rank 0", ctx.world_size,
-                 distributed.backend_for(device), len(sampler.share(meta.meta_batch)), meta.meta_batch)
-    # purge_step: a resumed run drops the events the killed one logged after its checkpoint
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None) \
-        if ctx.main else None
     t0 = time.perf_counter()
     budget.start_clock()  # budget.json's seconds: this process's time added to the earlier sittings'
     step = start_step
@@ -267,7 +240,8 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
             if log_now and writer is not None:
                 elapsed = time.perf_counter() - t0
                 for key, value in stats.items():
-                    writer.add_scalar(f"train/{key}", value, step)
+                    if key != "grad_norm":  # the meta-gradient's norm is train/outer_grad_norm, below
+                        writer.add_scalar(f"train/{key}", value, step)
                 writer.add_scalar("train/tasks_per_second", (step - start_step) * meta.meta_batch / elapsed, step)
                 # after scaler.step the gradients are unscaled (GradScaler unscales in place under fp16)
                 writer.add_scalar("train/outer_grad_norm", outer_grad_norm(model.parameters()), step)
@@ -313,7 +287,7 @@ def _train(cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> dict:
                          {STAGE_DIR: run_dir / STAGE_DIR} if cfg.pretrain.steps else {})
     metrics["budget"] = {k: v for k, v in spent["total"].items() if not k.endswith("seconds")}
     write_json(run_dir / "metrics.json", metrics)
-    if any("curve" in r for r in result.get("datasets", {}).values()):
+    if has_curves(result):
         plot_curves(result, run_dir / CURVE_PNG)
     write_json(run_dir / "timing.json", {"seconds": seconds, "resumed_from_step": start_step,
                                          "processes": ctx.world_size,

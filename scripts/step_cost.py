@@ -3,11 +3,13 @@
 An equal-wall-time comparison needs each arm's cost per outer step. Timing whole runs one after
 another measures the machine's load as much as the algorithm: on a 2-core machine a run beside
 another job can take twice as long. Here every config takes one outer step in turn, round after
-round, so load drifts hit all of them alike, and the median per config is kept (the benchmarks
-under ``scripts/`` and ``scripts/fair_compare.py``'s ``@time`` arms use it).
+round, so load drifts hit all of them alike, and the median per config is kept
+(``scripts/algo_cost.py`` and ``scripts/fair_compare.py``'s ``@time`` arms use it; a script
+imports it as ``from step_cost import ...``, its own folder being first on ``sys.path``).
 
-Each config is prepared as ``metaseg-train`` prepares it (the mix with its validation split, the
-task sampler, the model and its learner, seeded), but nothing is written.
+Each config is set up by ``metaseg-train``'s own ``build_run`` (``metaseg/engine/training/setup.py``:
+the mix with its validation split, the task sampler, the model and its learner, seeded), but
+nothing is written.
 """
 
 from __future__ import annotations
@@ -15,17 +17,15 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from metaseg.data.mix import build_mix
 from metaseg.data.tasks import TaskSampler
-from metaseg.engine.build import make_learner
-from metaseg.meta.precision import Precision
-from metaseg.models.factory import build_model
+from metaseg.engine.distributed import Context
+from metaseg.engine.training.setup import build_run
 
 
 @dataclass
@@ -52,16 +52,10 @@ class StepRunner:
         return time.perf_counter() - t
 
 
-def prepare(cfg: DictConfig, device: torch.device = torch.device("cpu"), precision: Optional[str] = None) -> StepRunner:
-    """A :class:`StepRunner` for a composed ``train`` config (``precision`` overrides ``trainer.precision``)."""
-    torch.manual_seed(cfg.seed)
-    mix = build_mix(cfg.data, validation=True)
-    sampler = TaskSampler(mix.train, mix.weights, cfg.meta.shots, cfg.meta.query, seed=cfg.seed,
-                          query_from=cfg.meta.query_from)
-    model = build_model(cfg.model, mix.num_classes).to(device)
-    prec = Precision(precision or cfg.trainer.precision, device.type)
-    learner = make_learner(model, cfg.meta, prec, max_steps=10**6, model_cfg=cfg.model)
-    return StepRunner(model, learner, sampler, learner.make_optimizer(), prec.grad_scaler(), device)
+def prepare(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> StepRunner:
+    """A :class:`StepRunner` for a composed ``train`` config, on ``device``."""
+    run = build_run(cfg, Context(device=device))
+    return StepRunner(run.model, run.learner, run.sampler, run.optimizer, run.scaler, device)
 
 
 def interleaved_seconds(runners: Mapping[str, StepRunner], rounds: int, warmup: int = 1) -> dict[str, list[float]]:

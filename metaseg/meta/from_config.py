@@ -1,10 +1,11 @@
-"""Objects built from config sections that both training and evaluation need.
+"""The algorithm a ``MetaConfig`` describes: the one way training, evaluation and the scripts build one.
 
 ``make_learner`` turns a ``MetaConfig`` into the algorithm object (``meta.algorithm`` names a
-class of :data:`metaseg.meta.ALGORITHMS`), with the MAML++ options, the learned step sizes
-and the outer-loop settings; for training it also asks the model, once, whether it can be
-differentiated twice. ``validate_meta`` rejects option combinations that would silently do
-nothing (a multi-step loss for Reptile, learned step sizes for ERM, ...).
+class of :data:`metaseg.meta.ALGORITHMS`; the class says which of the config's keys it takes,
+``options``), with the learned step sizes and the outer-loop settings; for training it also
+asks the model, once, whether it can be differentiated twice. ``validate_meta`` rejects option
+combinations that would silently do nothing (a multi-step loss for Reptile, learned step sizes
+for ERM, ...), from the facts each algorithm declares on its class, never from its name.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-from metaseg.meta import ALGORITHMS, MetaLearner, OuterSettings, StepSizes, second_order_problem
-from metaseg.meta.base import SCHEDULES
-from metaseg.meta.capability import FIX, SecondOrderError
-from metaseg.meta.maml import LOSSES
+from metaseg.meta import ALGORITHMS
+from metaseg.meta.base import SCHEDULES, OuterSettings
+from metaseg.meta.capability import FIX, SecondOrderError, second_order_problem
+from metaseg.meta.learner import MetaLearner
+from metaseg.meta.losses import loss_fn
+from metaseg.meta.metasgd import StepSizes
 from metaseg.meta.precision import Precision
 from metaseg.utils.errors import ConfigError
 
@@ -45,7 +48,7 @@ def validate_meta(m: Any) -> None:
         raise ConfigError(f"meta.outer_lr_min={m.outer_lr_min} must lie in [0, meta.outer_lr={m.outer_lr}]")
     if m.gamma < 0:
         raise ConfigError(f"meta.gamma={m.gamma} must be >= 0")
-    name, algo = m.algorithm, ALGORITHMS[m.algorithm]  # each algorithm declares its facts (metaseg.meta.maml)
+    name, algo = m.algorithm, ALGORITHMS[m.algorithm]  # each algorithm declares its facts (metaseg.meta.learner)
     if not algo.has_meta_gradient:
         with_gradient = [n for n, a in ALGORITHMS.items() if a.has_meta_gradient]
         for key, on in (("multi_step_loss", m.multi_step_loss), ("learn_inner_lr", m.learn_inner_lr),
@@ -70,14 +73,6 @@ def validate_meta(m: Any) -> None:
                           f"{algo.min_inner_steps} inner step (its D_i loss is the first)")
 
 
-def loss_fn(m: Any):
-    """``meta.loss`` as a function of (logits, masks)."""
-    name = m.get("loss", "ce")
-    if name not in LOSSES:
-        raise ConfigError(f"meta.loss={name!r} is not one of {', '.join(LOSSES)}")
-    return LOSSES[name]
-
-
 def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_steps: int = 1,
                  model_cfg: Optional[Any] = None) -> MetaLearner:
     """The algorithm a ``MetaConfig`` describes, around ``model``.
@@ -89,9 +84,7 @@ def make_learner(model: nn.Module, meta_cfg: Any, precision: Precision, *, max_s
     validate_meta(m)
     kwargs: dict[str, Any] = dict(
         inner_lr=m.inner_lr, inner_steps=m.inner_steps, first_order=m.first_order, precision=precision,
-        backend=m.backend, checkpoint_inner=m.checkpoint_inner, loss=loss_fn(m),
-        inner_params=list(m.inner_params) or None, multi_step_loss=m.multi_step_loss,
-        msl_anneal_steps=m.msl_anneal_steps, first_order_until=m.first_order_until,
+        backend=m.backend, loss=loss_fn(m), inner_params=list(m.inner_params) or None,
         outer=OuterSettings(lr=m.outer_lr, meta_batch=m.meta_batch, schedule=m.outer_lr_schedule,
                             lr_min=m.outer_lr_min, max_steps=max_steps, clip_grad=m.clip_grad))
     per_element, per_step = m.inner_lr_granularity == "element", bool(m.inner_lr_per_step)
@@ -118,5 +111,4 @@ def _check_second_order(learner: MetaLearner, m: Any, model_cfg: Any) -> None:
     if not m.second_order_fallback:
         raise SecondOrderError(f"{what}: {probe.problem}; {FIX}")
     log.warning("%s: %s; meta.second_order_fallback=true: training first order instead", what, probe.problem)
-    learner.first_order = True
-    learner.first_order_until = 0
+    learner.train_first_order()

@@ -23,10 +23,10 @@ from omegaconf import open_dict
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-from metaseg.data.binary import pixel_counts
-from metaseg.data.labels import IGNORE
 from metaseg.data.mix import Mix, build_mix, normalisation, train_names
+from metaseg.data.view import SegmentationDataset
 from metaseg.utils.errors import ConfigError, DataError
+from metaseg.utils.masks import IGNORE
 from metaseg.utils.runtime import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ def _data_cfg(data_cfg: Any) -> Any:
     return data_cfg
 
 
-def dataset_summary(ds, classes: list[str]) -> dict:
-    info = ds.info() if hasattr(ds, "info") else {"images": len(ds)}
-    counts = pixel_counts(ds, len(classes)).sum(0).astype(np.float64)
+def dataset_summary(ds: SegmentationDataset, classes: list[str]) -> dict:
+    info = ds.info()
+    counts = np.asarray(ds.pixel_counts).sum(0).astype(np.float64)
     total = counts.sum()
     info["pixels"] = {c: float(counts[i] / total) if total else 0.0 for i, c in enumerate(classes)}
     info["pixels"]["ignore"] = float(counts[-1] / total) if total else 0.0
@@ -105,7 +105,7 @@ def sample_grid(mix: Mix, samples: int, mean, std) -> tuple[Image.Image, list[st
         idx = np.linspace(0, len(ds) - 1, min(samples, len(ds))).round().astype(int)
         cells = []
         for i in idx:
-            image, mask = ds.full_resolution(int(i)) if hasattr(ds, "full_resolution") else ds[int(i)]
+            image, mask = ds.full_resolution(int(i))
             cells.append(overlay(image, mask, mix.classes, mean, std))
         cells += [torch.zeros(3, CELL, CELL, dtype=torch.uint8)] * (samples - len(cells))
         rows.extend(cells)
