@@ -9,7 +9,8 @@ Steps are interleaved round-robin across algorithms, so machine load drifts hit 
 alike; the table shows the median seconds per outer step and its spread. Memory is the peak
 of CPU (or CUDA) memory allocated during one outer step above what was allocated before
 it, from the PyTorch profiler's allocation events (CPU) or ``max_memory_allocated`` (CUDA).
-Forward passes and images are counted by a hook on the model.
+Images through forward and backward passes are counted by the budget accounting
+(``metaseg.engine.training.budget``), as a training run counts them, on either inner-loop backend.
 
     python scripts/algo_cost.py                       # defaults: 64 px, K=3, 2 tasks of 4+4, 5 timed steps
     python scripts/algo_cost.py --size 128 --steps 10 --algorithms maml anil --json cost.json
@@ -28,6 +29,7 @@ from hydra import compose, initialize_config_module
 from torch.profiler import ProfilerActivity, profile
 
 import metaseg.config  # noqa: F401 - registers the schemas
+from metaseg.engine.training.budget import Budget
 from step_cost import interleaved_seconds, prepare  # scripts/step_cost.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,18 +54,6 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Counter:
-    """Forward passes and images through the model (functional_call runs its forward hooks)."""
-
-    def __init__(self, model):
-        self.passes = self.images = 0
-        model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, out):
-        self.passes += 1
-        self.images += int(args[0].shape[0])
-
-
 def build(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     overrides = [f"meta={name}", f"data.size={a.size}", f"meta.inner_steps={a.inner_steps}",
                  f"meta.meta_batch={a.meta_batch}", f"meta.shots={a.shots}", f"meta.query={a.query}",
@@ -73,7 +63,7 @@ def build(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     runner = prepare(cfg, device)
-    return {"runner": runner, "counter": Counter(runner.model), "cfg": cfg}
+    return {"runner": runner, "budget": Budget(runner.model), "cfg": cfg}
 
 
 def peak_bytes(r: dict, device: torch.device) -> int:
@@ -98,12 +88,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     runs = {name: build(name, a, device) for name in a.algorithms}
-    for r in runs.values():  # forward counts of one step (after a warm-up step)
+    for r in runs.values():  # the budget accounting's counts of one step (after a warm-up step)
         r["runner"].step()
-        c = r["counter"]
-        c.passes = c.images = 0
-        r["runner"].step()
-        r["passes"], r["images"] = c.passes, c.images
+        with r["budget"].counting():
+            r["runner"].step()
+        r["forward"], r["backward"] = r["budget"].forward_images, r["budget"].backward_images
     # round-robin, so load drift hits every algorithm alike
     times = interleaved_seconds({name: r["runner"] for name, r in runs.items()}, a.steps, warmup=0)
     for name, r in runs.items():
@@ -117,16 +106,16 @@ def main(argv=None) -> int:
         med = statistics.median(r["times"])
         rows.append({"algorithm": name, "seconds_per_step": med, "min": min(r["times"]), "max": max(r["times"]),
                      "vs_maml": med / base if base else None, "peak_mb": r["peak"] / 2**20,
-                     "forward_passes": r["passes"], "images_forwarded": r["images"]})
+                     "forward_images": r["forward"], "backward_images": r["backward"]})
     print(f"# {a.size}px, K={a.inner_steps}, meta_batch={a.meta_batch}, shots={a.shots}, query={a.query}, "
           f"precision {a.precision}, {device}, {a.threads} thread(s), median of {a.steps} steps; "
           f"torch {torch.__version__}; overrides {a.overrides}")
-    print("| algorithm | s / outer step (min-max) | vs maml | peak MiB / step | forward passes | images |")
+    print("| algorithm | s / outer step (min-max) | vs maml | peak MiB / step | forward images | backward images |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         vs = f"{row['vs_maml']:.2f}" if row["vs_maml"] else "-"
         print(f"| {row['algorithm']} | {row['seconds_per_step']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | {vs} | "
-              f"{row['peak_mb']:.0f} | {row['forward_passes']} | {row['images_forwarded']} |")
+              f"{row['peak_mb']:.0f} | {row['forward_images']} | {row['backward_images']} |")
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
     return 0
