@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import metaseg.config  # noqa: F401 - registers the schemas
 from metaseg.engine.training.budget import Budget
+from metaseg.utils.tables import markdown_table
 from step_cost import interleaved_seconds, prepare  # scripts/step_cost.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +111,11 @@ def main(argv=None) -> int:
     print(f"# {a.size}px, K={a.inner_steps}, meta_batch={a.meta_batch}, shots={a.shots}, query={a.query}, "
           f"precision {a.precision}, {device}, {a.threads} thread(s), median of {a.steps} steps; "
           f"torch {torch.__version__}; overrides {a.overrides}")
-    print("| algorithm | s / outer step (min-max) | vs maml | peak MiB / step | forward images | backward images |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        vs = f"{row['vs_maml']:.2f}" if row["vs_maml"] else "-"
-        print(f"| {row['algorithm']} | {row['seconds_per_step']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | {vs} | "
-              f"{row['peak_mb']:.0f} | {row['forward_images']} | {row['backward_images']} |")
+    print("\n".join(markdown_table(
+        ["algorithm", "s / outer step (min-max)", "vs maml", "peak MiB / step", "forward images", "backward images"],
+        [[row["algorithm"], f"{row['seconds_per_step']:.2f} ({row['min']:.2f}-{row['max']:.2f})",
+          f"{row['vs_maml']:.2f}" if row["vs_maml"] else "-", f"{row['peak_mb']:.0f}", row["forward_images"],
+          row["backward_images"]] for row in rows])))
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
     return 0

@@ -23,6 +23,7 @@ from metaseg.config import ModelConfig
 from metaseg.data.synthetic import synthetic_task
 from metaseg.meta import ALGORITHMS, Precision
 from metaseg.models import build_model
+from metaseg.utils.tables import markdown_table
 
 SMALL = ModelConfig(extra={"encoder_depth": 3, "decoder_channels": [16, 8, 8]})
 
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"# K={a.inner_steps}, {a.device}, torch {torch.__version__}")
-    print("| algorithm | mode | loss rel. error | grad rel. error | cosine | norm ratio |")
-    print("|---|---|---|---|---|---|")
+    header = ["algorithm", "mode", "loss rel. error", "grad rel. error", "cosine", "norm ratio"]
+    print("\n".join(markdown_table(header, [])))  # then a row as each is measured
     for name in a.algorithms:
         l32, g32 = meta_grad(name, Precision("32", torch.device(a.device).type), a.inner_steps, a.device)
         for mode in ("bf16", "16"):
@@ -58,8 +59,9 @@ def main(argv=None) -> int:
                                a.inner_steps, a.device)
             rel = float((gm - g32).norm() / g32.norm())
             cos = float((gm * g32).sum() / gm.norm() / g32.norm())
-            print(f"| {name} | {mode} | {abs(lm - l32) / abs(l32):.4f} | {rel:.3f} | {cos:.3f} | "
-                  f"{float(gm.norm() / g32.norm()):.3f} |")
+            row = [name, mode, f"{abs(lm - l32) / abs(l32):.4f}", f"{rel:.3f}", f"{cos:.3f}",
+                   f"{float(gm.norm() / g32.norm()):.3f}"]
+            print(markdown_table(header, [row])[-1], flush=True)
     return 0
 
 

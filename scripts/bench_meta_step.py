@@ -78,6 +78,7 @@ from metaseg.meta import ALGORITHMS as ZOO
 from metaseg.meta import OuterSettings, Precision, pixel_cross_entropy
 from metaseg.meta.inner import full_precision
 from metaseg.models.factory import build_model
+from metaseg.utils.tables import markdown_table
 
 ALGORITHMS = ("maml", "fomaml", "anil")  # the default set
 CHOICES = (*ALGORITHMS, "imaml")
@@ -454,16 +455,15 @@ def run_compare(a: argparse.Namespace, argv: list[str]) -> dict:
     plain, raw, raw_fo = (rows.get(n, {}).get("seconds") for n in ("plain", "raw_higher", "raw_higher_fo"))
     mem_plain = rows["plain"].get("peak_bytes")
     print(header(a, device, f"meta-step, median of {a.reps} interleaved rounds"))
-    print("| configuration | s / meta-step (min-max) | vs plain K+1 | vs raw higher | peak MiB | memory vs plain |")
-    print("|---|---|---|---|---|---|")
+    table = []
     for name, r in rows.items():
         floor = raw_fo if name.split("/")[0] in FIRST_ORDER else raw
         peak = r.get("peak_bytes")
-        print(f"| {name} | {r['seconds']:.3f} ({r['min']:.3f}-{r['max']:.3f}) | {ratio(r['seconds'], plain)} | "
-              f"{ratio(r['seconds'], floor)} | {peak / 2**20:.0f} | {ratio(peak, mem_plain)} |"
-              if peak else
-              f"| {name} | {r['seconds']:.3f} ({r['min']:.3f}-{r['max']:.3f}) | {ratio(r['seconds'], plain)} | "
-              f"{ratio(r['seconds'], floor)} | - | - |")
+        table.append([name, f"{r['seconds']:.3f} ({r['min']:.3f}-{r['max']:.3f})", ratio(r["seconds"], plain),
+                      ratio(r["seconds"], floor), f"{peak / 2**20:.0f}" if peak else "-",
+                      ratio(peak, mem_plain) if peak else "-"])
+    print("\n".join(markdown_table(["configuration", "s / meta-step (min-max)", "vs plain K+1", "vs raw higher",
+                                    "peak MiB", "memory vs plain"], table)))
     lines = targets(rows)
     if lines:
         print("\nTargets (the step-cost goals):")
@@ -478,8 +478,8 @@ def run_grid(a: argparse.Namespace, argv: list[str]) -> dict:
     names += [f"maml/{be}+ckpt" for be in a.backends] if a.checkpoint_inner else []
     rows = []
     print(header(a, device, f"cost growth, median of {a.reps} step(s) after a warm-up, fresh process per cell"))
-    print("| configuration | size | K | s / meta-step | vs plain | peak MiB | memory vs plain |")
-    print("|---|---|---|---|---|---|---|")
+    header_row = ["configuration", "size", "K", "s / meta-step", "vs plain", "peak MiB", "memory vs plain"]
+    print("\n".join(markdown_table(header_row, [])))  # then a row as each cell finishes
     for size in a.grid_sizes:
         cells = {name: child(base, ["--size", str(size), "--cell", name], partial=True) for name in names}
         for i, k in enumerate(sorted(a.grid_k)):
@@ -488,13 +488,16 @@ def run_grid(a: argparse.Namespace, argv: list[str]) -> dict:
                 done, why = cells[name]
                 if i >= len(done):
                     rows.append({"config": name, "size": size, "k": k, "failed": why})
-                    print(f"| {name} | {size} | {k} | failed: {why} | - | - | - |", flush=True)
+                    failed = [name, size, k, f"failed: {why}", "-", "-", "-"]
+                    print(markdown_table(header_row, [failed])[-1], flush=True)
                     continue
                 r = done[i]
                 rows.append(r)
-                print(f"| {name} | {size} | {k} | {r['seconds']:.3f} | "
-                      f"{ratio(r['seconds'], plain and plain['seconds'])} | {r['peak_bytes'] / 2**20:.0f} | "
-                      f"{ratio(r['peak_bytes'], plain and plain['peak_bytes'])} |", flush=True)
+                print(markdown_table(header_row, [[name, size, k, f"{r['seconds']:.3f}",
+                                                   ratio(r["seconds"], plain and plain["seconds"]),
+                                                   f"{r['peak_bytes'] / 2**20:.0f}",
+                                                   ratio(r["peak_bytes"], plain and plain["peak_bytes"])]])[-1],
+                      flush=True)
     print_growth(rows, names)
     return {"mode": "grid", "rows": rows}
 
@@ -506,15 +509,15 @@ def print_growth(rows: list[dict], names: list[str]) -> None:
     if len(ks) < 2:
         return
     print(f"\nGrowth from K={ks[0]} to K={ks[-1]} (largest K over smallest; flat = 1.00):")
-    print("| configuration | size | peak MiB | memory growth | time growth |")
-    print("|---|---|---|---|---|")
+    table = []
     for size in sorted({r["size"] for r in done}):
         for name in names:
             by_k = {r["k"]: r for r in done if r["config"] == name and r["size"] == size}
             if ks[0] in by_k and ks[-1] in by_k:
                 lo, hi = by_k[ks[0]], by_k[ks[-1]]
-                print(f"| {name} | {size} | {lo['peak_bytes'] / 2**20:.0f} -> {hi['peak_bytes'] / 2**20:.0f} | "
-                      f"{ratio(hi['peak_bytes'], lo['peak_bytes'])} | {ratio(hi['seconds'], lo['seconds'])} |")
+                table.append([name, size, f"{lo['peak_bytes'] / 2**20:.0f} -> {hi['peak_bytes'] / 2**20:.0f}",
+                              ratio(hi["peak_bytes"], lo["peak_bytes"]), ratio(hi["seconds"], lo["seconds"])])
+    print("\n".join(markdown_table(["configuration", "size", "peak MiB", "memory growth", "time growth"], table)))
 
 
 def run_data_path(a: argparse.Namespace) -> dict:
@@ -581,9 +584,8 @@ def run_data_path(a: argparse.Namespace) -> dict:
     added = med["real loader"] / med["preloaded"] - 1
     print(header(a, device, f"data path, {a.data_algorithm}/{a.backends[0]}, data=binary_mix "
                             f"(train: {', '.join(mix.train)}), median of {a.reps} interleaved steps"))
-    print("| step with | s / meta-step (min-max) |\n|---|---|")
-    for k, v in times.items():
-        print(f"| {k} | {med[k]:.3f} ({min(v):.3f}-{max(v):.3f}) |")
+    print("\n".join(markdown_table(["step with", "s / meta-step (min-max)"],
+                                   [[k, f"{med[k]:.3f} ({min(v):.3f}-{max(v):.3f})"] for k, v in times.items()])))
     print(f"\nadded by the loader: {100 * added:+.1f}% of a meta-step (difference of medians); "
           f"TaskSampler.sample alone: {load:.4f} s = {100 * load / med['preloaded']:.1f}% of the preloaded step; "
           f"decoding every image once when the mix is built: {build_seconds:.1f} s (not per step); "
