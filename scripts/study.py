@@ -340,7 +340,7 @@ def plot_curves(out: Path, folds: list[str], arms: list[str], k: str = "5") -> O
                             yerr=[zero["ci95"], *[table[q]["ci95"] for q in ks]], marker="o", capsize=3, label=arm)
         row[0].set(xscale="log", xlabel=f"adaptation steps ({k}-shot; 0 drawn at 0.5)", ylabel="foreground Dice",
                    title=f"held out: {fold}")
-        row[1].set(xlabel=f"shots k (at the tuned steps; 0: no adaptation, the {k}-shot queries)",
+        row[1].set(xlabel=f"shots k (tuned steps; 0: the {k}-shot queries unadapted)",
                    ylabel="foreground Dice", title=fold)
         row[0].legend(fontsize=7)
     fig.tight_layout()
@@ -376,7 +376,7 @@ def plot_learning(out: Path, folds: list[str], tag: str = "val/zero_shot_fg_dice
         plt.close(fig)
         return None
     ax.set(xlabel="outer step", ylabel="zero-shot foreground Dice",
-           title="erm: validation tasks of the training sets (mean), never the held-out set")
+           title="erm: validation tasks of the training sets (mean),\nnever the held-out set")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "learning.png"
