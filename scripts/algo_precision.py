@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How far each algorithm's bf16 / fp16 meta-gradient is from fp32, on one task (CPU autocast by default).
 
-The model and task are those of tests/test_algorithms_precision.py: a U-Net (ResNet-18 cut
+The model and task are those of tests/unit/test_algorithms_precision.py: a U-Net (ResNet-18 cut
 at stride 8, decoder 16-8-8) with 4 classes and 4 + 4 generated 32 px images of synthetic
 domain 1. fp16 uses an inner loss scale of 256 (``--scale``). For each algorithm and mode
 it prints the relative error of the loss, and of the gradient (all meta-learned tensors

@@ -1,50 +1,20 @@
+"""Fixtures and hooks of both tiers: tests/unit (tiny models, no commands, seconds) and
+tests/integration (the installed commands and real trainings). Helpers are in tests/helpers.py."""
+
+import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-import metaseg.config  # noqa: F401 - registers schemas
+from tests.helpers import HUB_STATS, TINY, compose_cfg, synthetic_heldout, vessel_folders
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = ["experiment=smoke"]
-# The random-init baseline (eval.baseline, on for users) doubles a run's final evaluation; tests pay
-# for it only where they test it: they pass eval.baseline=true (or run_cli(..., baseline=True)).
-NO_BASELINE = "eval.baseline=false"
-
-
-def without_baseline(overrides) -> list[str]:
-    """``overrides`` with ``eval.baseline=false`` unless they set ``eval.baseline`` themselves."""
-    overrides = list(overrides)
-    if any(o.lstrip("+~").startswith("eval.baseline=") for o in overrides):
-        return overrides
-    return [*overrides, NO_BASELINE]
-
-
-def compose_cfg(name: str = "train", overrides=()):
-    """``conf/NAME.yaml`` with ``overrides`` as the commands compose it, without the baseline (above)."""
-    if name in ("train", "eval"):
-        overrides = without_baseline(overrides)
-    with initialize_config_module(config_module="metaseg.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def seeded_checkpoint(path: Path, cfg, seed: int, step: int) -> Path:
-    """A checkpoint of ``cfg``'s model at weights drawn by ``seed``: evaluation needs only weights and a config."""
-    from omegaconf import OmegaConf
-
-    from metaseg.engine.checkpoint import save_checkpoint
-    from metaseg.models.factory import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, len(cfg.data.classes))
-    save_checkpoint(path, model=model.state_dict(), step=step, config=OmegaConf.to_container(cfg, resolve=True),
-                    classes=list(cfg.data.classes))
-    return path
+# Under pytest-xdist (the default: two workers, see pyproject.toml) each worker computes with one
+# torch thread, and the commands and scripts it starts inherit OMP_NUM_THREADS=1, so two workers
+# do not oversubscribe two cores. Run alone (-p no:xdist), torch keeps its own default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture
@@ -52,18 +22,45 @@ def tiny_cfg():
     return lambda *overrides: compose_cfg("train", [*TINY, "trainer.device=cpu", *overrides])
 
 
-def run_cli(prog: str, *args: str, cwd, timeout=600, env=None, baseline=False) -> subprocess.CompletedProcess:
-    """Run an installed console script from ``cwd`` (not the repo), as a user would; ``metaseg-train``
-    and ``metaseg-eval`` without the random-init baseline unless ``baseline`` (then ``args`` as given)."""
-    if prog in ("metaseg-train", "metaseg-eval") and not baseline:
-        args = tuple(without_baseline(args))
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([str(BIN / prog), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+@pytest.fixture(scope="module")
+def heldout():
+    """A held-out synthetic domain of 12 images at 32 px."""
+    return synthetic_heldout(12)
+
+
+@pytest.fixture
+def vessel_root(tmp_path):
+    """Three tiny vessel-like folder datasets (data=binary_patches' names) under ``tmp_path``."""
+    return vessel_folders(tmp_path)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """smp's download function serving a resnet18 encoder's weights (conv1 redrawn, so recognisable)
+    and config (HUB_STATS) from local files: named weights without the network."""
+    import segmentation_models_pytorch as smp
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    state = smp.encoders.get_encoder("resnet18").state_dict()
+    state["conv1.weight"] = torch.randn_like(state["conv1.weight"])  # recognisable
+    files = {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "config.json"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(files["model.safetensors"]))
+    files["config.json"].write_text(json.dumps({**HUB_STATS, "input_space": "RGB", "input_range": [0, 1]}))
+    calls = []
+
+    def download(repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename))
+        return str(files[filename])
+
+    monkeypatch.setattr(smp.encoders, "hf_hub_download", download)
+    return state, calls
 
 
 def pytest_collection_modifyitems(config, items):
+    # the integration tier first: its modules are the long ones, and xdist hands whole modules
+    # out in this order (--dist loadscope --no-loadscope-reorder), so none is left for the end
+    items.sort(key=lambda item: item.path.parent.name == "unit")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

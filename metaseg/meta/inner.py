@@ -3,7 +3,7 @@
 Two backends run the model with fast weights: ``higher`` (default; :class:`HigherInnerLoop`,
 higher's ``monkeypatch``ed functional module called with ``params=``) and ``func``
 (:class:`InnerLoop`, ``torch.func.functional_call``). Both feed the same SGD step below, so
-they give the same numbers (``tests/test_backends.py``); both reuse the outputs of modules
+they give the same numbers (``tests/unit/test_backends.py``); both reuse the outputs of modules
 with no adapted parameter (ANIL): ``func`` memoises the model's modules, ``higher`` the
 matching modules of its patched copy.
 
@@ -242,7 +242,7 @@ class InnerLoop:
                           ) -> tuple[Params, torch.Tensor]:
         """``loss_at`` then a second-order ``step``, recomputed in the outer backward instead of stored.
 
-        Same values and meta-gradients as the two calls (``tests/test_bench_scripts.py``); the
+        Same values and meta-gradients as the two calls (``tests/unit/test_bench_scripts.py``); the
         graph kept per step shrinks to its inputs and outputs (the fast weights), so
         second-order memory stops growing with the activations of every step. Costs one more
         forward and inner backward per step. Run it outside :meth:`reusing`: a memoised
