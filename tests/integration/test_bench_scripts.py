@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_script
 from tests.helpers import SHARED_DATA as DATA  # ../shared/data, when present
 
 BENCH = ROOT / "scripts" / "bench_meta_step.py"
@@ -50,11 +50,19 @@ def check_ratios(stdout, json_path, expected):
     assert "# command: python scripts/bench_meta_step.py" in stdout and "Targets (the step-cost goals):" in stdout
 
 
-def test_bench_prints_a_ratio_row_per_configuration_and_times_imaml_with_its_options(tmp_path):
+def test_bench_prints_a_ratio_row_per_configuration_and_times_imaml_with_its_options(tmp_path, monkeypatch, capsys):
     """A first-order algorithm (its floor: raw_higher_fo) and iMAML on request (its options passed on),
-    on both backends, at 16 px; every algorithm of the default set at 32 px: the slow test below."""
-    stdout = bench(*SMALL, "--size", "16", "--algorithms", "fomaml", "imaml", "--backends", "higher", "func",
-                   "--no-memory", "--cg-steps", "2", "--imaml-lambda", "1.0", "--json", str(tmp_path / "b.json"))
+    on both backends, at 16 px; every algorithm of the default set at 32 px: the slow test below. The
+    script's main in this process (its timings need no fresh one; its memory column does, below)."""
+    args = [*SMALL, "--size", "16", "--algorithms", "fomaml", "imaml", "--backends", "higher", "func",
+            "--no-memory", "--cg-steps", "2", "--imaml-lambda", "1.0", "--json", str(tmp_path / "b.json")]
+    monkeypatch.setattr(sys, "argv", [str(BENCH), *args])
+    threads = torch.get_num_threads()
+    try:
+        assert load_script("bench_meta_step").main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 set it for this process
+    stdout = capsys.readouterr().out
     check_ratios(stdout, tmp_path / "b.json", FLOORS | {f"{a}/{b}" for a in ("fomaml", "imaml")
                                                         for b in ("higher", "func")})
     assert "--cg-steps 2" in stdout

@@ -15,8 +15,12 @@ a wrong reduction (a rank's tasks lost, counted twice, or not averaged) moves th
 
 The two processes are spawned once (``torch.multiprocessing``, rendezvous on 127.0.0.1 at
 a free port, gloo on the loopback interface) and run every distributed case in one group,
-so the suite pays the start-up of two interpreters once. How the task sampler shards a meta-batch
-and re-shards its state: tests/unit/test_distributed.py.
+so the suite pays the start-up of two interpreters once.
+
+Slow: the two interpreters and their eight runs cost about 30 s of CPU (~15 s on two idle cores).
+What the default suite keeps: how the task sampler shards a meta-batch and re-shards its state, and
+a meta-batch smaller than the world (tests/unit/test_distributed.py); evaluation episodes split over
+two ranks giving one process's curve (tests/unit/test_eval_curve.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from metaseg.meta.precision import Precision
 from metaseg.models.factory import build_model
 
 from tests.helpers import compose_cfg
+
+pytestmark = pytest.mark.slow
 
 BASE = ["experiment=smoke", "trainer.device=cpu", "meta.meta_batch=4", "trainer.eval_every=0",
         "trainer.monitor_tasks=0", "eval.shots=0", "eval.episodes=0", "eval.pictures=0", "eval.max_images=2",
@@ -182,7 +188,6 @@ def test_only_rank_zero_writes(runs):
         assert json.loads((run / "timing.json").read_text())["processes"] == 2
 
 
-@pytest.mark.slow
 def test_torchrun_command_line(tmp_path):
     """The documented command: torchrun -m metaseg.train, two gloo processes on 127.0.0.1."""
     import subprocess

@@ -13,7 +13,7 @@ from metaseg.meta.safety import DivergenceError
 from metaseg.utils.errors import CheckpointError
 from tests.helpers import SESSION_RUN, SESSION_STEPS, compose_cfg, copy_run
 
-QUICK = ["trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0", "trainer.monitor_tasks=0"]
+QUICK = ["trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0", "eval.max_images=2", "trainer.monitor_tasks=0"]
 
 
 def session(*overrides):

@@ -8,7 +8,7 @@ from metaseg.engine.checkpoint import load_checkpoint
 from metaseg.engine.training.trainer import train
 from tests.helpers import copy_run, scalars
 
-COMMON = ["meta=imaml", "trainer.eval_every=0", "trainer.ckpt_every=2", "eval.pictures=0", "eval.max_images=2",
+COMMON = ["meta=imaml", "trainer.eval_every=0", "eval.pictures=0", "eval.max_images=2",
           "trainer.monitor_tasks=0", "trainer.best_metric=val.mean.zero_shot_miou"]
 
 

@@ -20,7 +20,8 @@ from metaseg.engine.training.trainer import train
 from metaseg.utils.errors import CheckpointError
 from tests.helpers import SESSION_RUN, SESSION_STEPS, compose_cfg, copy_run, run_cli, scalars
 
-QUICK_EVAL = ("trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0")  # eval.*: free to change on resume
+# the evaluation at the end of a continued run, small (eval.*: free to change on resume)
+QUICK_EVAL = ("trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0", "eval.max_images=2")
 
 
 def session(*overrides):
@@ -75,8 +76,9 @@ def test_extending_a_finished_run_equals_training_longer(trained, tmp_path):
 
 
 def test_resume_path_may_be_a_run_folder_or_a_file_and_writes_to_the_new_run(trained, tmp_path):
-    m1 = train(session(*QUICK_EVAL, f"trainer.resume={trained.run_dir}"), tmp_path / "a")
-    m2 = train(session(*QUICK_EVAL, f"trainer.resume={trained.last}"), tmp_path / "b")
+    every_image = ("trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0")  # zero-shot: as the shared run
+    m1 = train(session(*every_image, f"trainer.resume={trained.run_dir}"), tmp_path / "a")
+    m2 = train(session(*every_image, f"trainer.resume={trained.last}"), tmp_path / "b")
     assert m1["datasets"] == m2["datasets"]
     original = json.loads((trained.run_dir / "metrics.json").read_text())["datasets"]
     zero_shot = lambda datasets: {n: d["zero_shot"] for n, d in datasets.items()}  # noqa: E731 - the weights' own

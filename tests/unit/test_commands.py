@@ -1,9 +1,9 @@
 """The entry points in-process: what they decide before Hydra starts (metaseg-eval's data keys with
 a checkpoint, metaseg-train's occupied run folder), a user error inside their Hydra task as one
 ``PROG: error: ...`` line and exit status 2 (metaseg-eval's missing checkpoint, metaseg-data's bad
-data, metaseg-predict without out=), metaseg-report's error printed once, and metaseg-eval's
-refusal of a file that runs code. metaseg-train's errors through Hydra in a process of its own:
-tests/integration/test_config.py."""
+data, metaseg-predict without out=), a typo in a key as Hydra reports it (metaseg-train's main),
+metaseg-report's error printed once, and metaseg-eval's refusal of a file that runs code.
+metaseg-train's user error through Hydra in a process of its own: tests/integration/test_config.py."""
 
 import logging
 import sys
@@ -115,3 +115,22 @@ def test_report_prints_its_error_once(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("is not a folder") == 1, err
     assert f"metaseg-report: error: {tmp_path / 'nope'} is not a folder" in err and "Traceback" not in err
+
+
+def test_train_typo_is_one_clear_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """``metaseg-train meta.inner_lrr=0.1``: Hydra stops composing (no run folder, no logging set up yet)
+    and prints its error without a traceback (HYDRA_FULL_ERROR unset)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["metaseg-train", "meta.inner_lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}"])
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            metaseg.train.main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "inner_lrr" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
