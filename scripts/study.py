@@ -98,9 +98,9 @@ def command(fold: str, arm: str, run: Path, args, scratch_evals: list[str]) -> l
     """The command line of one run."""
     common = [f"data.heldout=[{fold}]", f"data.root={args.data_root}", f"hydra.run.dir={run}", f"seed={args.seed}",
               *same_kind(fold)]
-    if arm == "scratch":
-        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *common,
-                *scratch_evals, *[o for o in args.set if o.startswith(("data.", "eval."))]]
+    if arm == "scratch":  # the erm recipe's evaluation block first, so that the fold's own keys override it
+        return [sys.executable, "-m", "metaseg.eval", "checkpoint=none", "data=binary_patches", *scratch_evals,
+                *common, *[o for o in args.set if o.startswith(("data.", "eval."))]]
     threads = [f"trainer.threads={args.threads}", "trainer.resume=auto"]
     if arm == BASE:
         return [sys.executable, "-m", "metaseg.train", f"experiment={args.experiment}", "meta=erm", *common, *threads,

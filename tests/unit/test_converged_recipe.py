@@ -37,3 +37,26 @@ def test_gpu_meta_stage_is_the_gpu_network_with_the_meta_stage():
     validate(cfg)
     assert (cfg.model.encoder, cfg.data.size, cfg.trainer.precision) == ("resnet34", 128, "bf16")
     assert (cfg.trainer.max_steps, cfg.meta.inner_steps, cfg.meta.outer_lr) == (200, 3, 0.0002)
+
+
+@pytest.mark.parametrize("fold,tuned", [("retina_drive", ["retina_stare", "retina_chasedb1"]),
+                                        ("polyp_kvasir_seg", None)])
+def test_study_scratch_arm_is_evaluated_like_the_trained_arms(fold, tuned):
+    """The study's scratch arm (metaseg-eval checkpoint=none) takes the erm recipe's evaluation block,
+    then the fold's own keys: its adaptation is tuned on the same validation sets as the trained arms'."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from tests.helpers import load_script
+
+    study = load_script("study")
+    args = SimpleNamespace(data_root="data", seed=0, set=[], threads=1, experiment="converged")
+    cmd = study.command(fold, "scratch", Path("run"), args, study.eval_block("converged", []))
+    assert cmd[1:4] == ["-m", "metaseg.eval", "checkpoint=none"]
+    scratch = compose_cfg("eval", [o for o in cmd[3:] if not o.startswith("hydra.")])
+    erm = study.command(fold, "erm", Path("run"), args, [])
+    trained = compose_cfg("train", [o for o in erm[3:] if not o.startswith(("hydra.", "trainer."))])
+    assert (list(scratch.eval.tune_datasets) if scratch.eval.tune_datasets else None) == tuned
+    for key in ("tune_datasets", "shots", "curve_steps", "tune_lrs", "tune_steps", "mode", "episodes"):
+        assert scratch.eval[key] == trained.eval[key], key
+    assert scratch.model == trained.model and scratch.data.heldout == [fold]
