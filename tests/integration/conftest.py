@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from tests.helpers import SESSION_RUN, run_cli
-
 
 @dataclass(frozen=True)
 class TrainedRun:
@@ -36,6 +34,8 @@ class TrainedRun:
 
 
 def _train(root: Path) -> None:
+    from tests.helpers import SESSION_RUN, run_cli
+
     out = run_cli("metaseg-train", *SESSION_RUN, f"hydra.run.dir={root / 'D'}", cwd=root, baseline=True)  # as typed
     if out.returncode != 0:
         (root / "failed.txt").write_text(out.stderr[-3000:])

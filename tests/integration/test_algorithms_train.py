@@ -17,12 +17,13 @@ from metaseg.engine.checkpoint import save_checkpoint
 from metaseg.engine.evaluation.checkpoint_eval import evaluate_checkpoint
 from metaseg.engine.training.trainer import train
 from metaseg.meta import DivergenceError
-from tests.helpers import ROOT, TINY, compose_cfg
+from tests.helpers import ROOT, SMALL_DECODER, TINY, compose_cfg
 
 NAMES = sorted(p.stem for p in (ROOT / "conf" / "meta").glob("*.yaml"))
-# one outer step, and the evaluation at its end scores zero-shot only: what a run of each algorithm needs
+# one outer step of a lighter U-Net, and the evaluation at its end scores zero-shot only: what a run
+# of each algorithm needs
 SHORT = ["trainer.max_steps=1", "trainer.eval_every=0", "eval.episodes=0", "eval.pictures=0",
-         "trainer.monitor_tasks=0", "trainer.best_metric=val.mean.zero_shot_miou"]
+         "trainer.monitor_tasks=0", "trainer.best_metric=val.mean.zero_shot_miou", SMALL_DECODER]
 
 
 @pytest.fixture(scope="module")

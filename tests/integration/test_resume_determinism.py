@@ -9,7 +9,7 @@ from metaseg.engine.training.trainer import train
 
 
 def test_same_seed_gives_identical_metrics_json_with_and_without_deterministic_mode(tiny_cfg, tmp_path):
-    common = ("trainer.max_steps=2", "trainer.eval_every=1", "eval.episodes=1", "eval.pictures=1")
+    common = ("trainer.max_steps=2", "trainer.eval_every=1", "eval.episodes=1", "eval.pictures=1", "eval.max_images=2")
     m1 = train(tiny_cfg(*common), tmp_path / "a")
     assert not torch.are_deterministic_algorithms_enabled()
     m2 = train(tiny_cfg(*common, "trainer.deterministic=true"), tmp_path / "b")
@@ -19,7 +19,7 @@ def test_same_seed_gives_identical_metrics_json_with_and_without_deterministic_m
     assert drop(m1) == drop(m2)
     assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
     # evaluation, monitoring and pictures never move the training's random streams
-    quiet = ("trainer.max_steps=2", "trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0",
+    quiet = ("trainer.max_steps=2", "trainer.eval_every=0", "eval.episodes=1", "eval.pictures=0", "eval.max_images=2",
              "trainer.monitor_tasks=0")
     m_c = train(tiny_cfg(*quiet), tmp_path / "c")
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
