@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from metaseg.utils.masks import IGNORE
+
 REDUCTIONS = ("dataset", "image")
 PER_CLASS = ("iou", "f1", "precision", "recall")
 SUMMARY = ("miou", "mf1", "pixel_acc")
@@ -44,7 +46,7 @@ class ConfusionMatrix:
     which ``compute("image")`` gives the image reduction and ``subset`` any subset of images.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device=None, per_image: bool = False):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE, device=None, per_image: bool = False):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -148,7 +150,7 @@ def segmentation_scores(
     pred: torch.Tensor,
     target: torch.Tensor,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE,
     reduction: str = "dataset",
 ) -> dict:
     """Scores of integer label maps ``pred`` and ``target`` of shape (N, H, W) (or one (H, W)).

@@ -20,6 +20,7 @@ from metaseg.data.folder import image_limit
 from metaseg.data.labels import build_label_map
 from metaseg.data.pairs import build_pair_dataset, evenly_spaced, few
 from metaseg.utils.errors import ConfigError, DataError
+from metaseg.utils.masks import IGNORE
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
@@ -67,7 +68,7 @@ def cityscapes_pairs(name: str, root: Path, splits, cities) -> list[Pair]:
 
 
 def cityscapes_source(name: str, ds_cfg: Any, data_cfg: Any, *, root: Path, classes: list[str], augment: bool):
-    values = {lid: LABEL_TO_TRAIN.get(lid, 255) for lid in LABEL_IDS}
+    values = {lid: LABEL_TO_TRAIN.get(lid, IGNORE) for lid in LABEL_IDS}
     labels = build_label_map(name, ds_cfg, classes, default_classes=CITYSCAPES_CLASSES, default_values=values)
     splits = list(ds_cfg.get("split") or ["train", "val"])
     pairs = cityscapes_pairs(name, root, splits, ds_cfg.get("folders"))
