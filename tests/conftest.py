@@ -44,6 +44,22 @@ def vessel_root(tmp_path):
 
 
 @pytest.fixture
+def readme_conf(tmp_path) -> list[str]:
+    """The README's own configs on Hydra's search path, their datasets under ``tmp_path``."""
+    from tests.readme import readme_conf as overrides
+
+    return overrides(tmp_path)
+
+
+@pytest.fixture
+def places(tmp_path) -> dict[str, str]:
+    """Real values for the README commands' placeholders (CKPT, DIR, ...), under ``tmp_path``."""
+    from tests.readme import placeholders
+
+    return placeholders(tmp_path)
+
+
+@pytest.fixture
 def hub(monkeypatch, tmp_path):
     """smp's download function serving a resnet18 encoder's weights (conv1 redrawn, so recognisable)
     and config (HUB_STATS) from local files: named weights without the network."""

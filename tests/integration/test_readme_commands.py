@@ -17,18 +17,7 @@ import torch
 
 from tests.helpers import BIN, ROOT, SHARED_DATA
 from tests.readme import (METASEG, PROGRAMS, compose_job, compose_on_shared_data, hydra_free, nproc,
-                          on_shared_data, placeholders, plugin_missing, substitute, sweep)
-from tests.readme import readme_conf as readme_conf_overrides
-
-
-@pytest.fixture
-def readme_conf(tmp_path) -> list[str]:
-    return readme_conf_overrides(tmp_path)
-
-
-@pytest.fixture
-def places(tmp_path) -> dict[str, str]:
-    return placeholders(tmp_path)
+                          on_shared_data, plugin_missing, substitute, sweep)
 
 
 # -- slow: every README command runs at smoke size ----------------------------------------------

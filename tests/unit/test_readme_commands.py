@@ -31,19 +31,8 @@ from metaseg.utils.errors import MetasegError
 from tests.helpers import BIN, ROOT, SHARED_DATA, folder_dataset
 from tests.readme import (ALGORITHMS, COMMANDS, DATA_CONFIGS, EXPERIMENTS, HAVE_DATA, METASEG, NEEDS_DATA,
                           NOT_BUNDLED, NOT_RUN, PROGRAMS, README, README_CONFIGS, compose_job, compose_on_shared_data,
-                          hydra_free, message_of, nproc, on_shared_data, placeholders, plugin_missing,
+                          hydra_free, message_of, nproc, on_shared_data, plugin_missing,
                           readme_commands, substitute, sweep)
-from tests.readme import readme_conf as readme_conf_overrides
-
-
-@pytest.fixture
-def readme_conf(tmp_path) -> list[str]:
-    return readme_conf_overrides(tmp_path)
-
-
-@pytest.fixture
-def places(tmp_path) -> dict[str, str]:
-    return placeholders(tmp_path)
 
 
 def test_every_readme_command_is_of_a_known_kind():
