@@ -269,6 +269,19 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
                                "(paired; bold: the interval excludes 0)", head,
                                [[a, *[diff_cell(paired(score(a, f), score(BASE, f))) for f in folds]]
                                 for a in arms if a != BASE])]
+    other_ks = sorted({s for r in record.values() for s in r.get("shots", {}) if s != k}, key=int)
+    for shots in other_ks:  # where an arm wins: every k, at the tuned steps
+        lines += ["", *section(f"### Against {BASE} at k = {shots}: {shots}-shot Dice minus {BASE}'s on the same "
+                               "episodes, at each arm's tuned steps (paired; bold: the interval excludes 0)", head,
+                               [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(shots),
+                                                       at(BASE, f).get("shots", {}).get(shots))) for f in folds]]
+                                for a in arms if a != BASE])]
+    if "scratch" in arms:  # what the training mix is worth at all: every arm against a random init
+        lines += ["", *section(f"### Against scratch: {k}-shot Dice minus a random initialisation's on the same "
+                               "episodes, at each arm's tuned steps (paired; bold: the interval excludes 0)", head,
+                               [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(k),
+                                                       at("scratch", f).get("shots", {}).get(k))) for f in folds]]
+                                for a in arms if a != "scratch"])]
     budget_rows = []
     for key, r in record.items():
         b, t = r["budget"], r["tune"] or {}

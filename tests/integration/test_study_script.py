@@ -75,6 +75,9 @@ def test_study_runs_every_arm_from_one_erm_run_and_tabulates(tmp_path):
     against = table.split("### Against erm")[1]  # the first: at each arm's tuned steps
     row = next(line for line in against.splitlines() if line.startswith("| fomaml |"))
     assert f"{mean:+.3f} ± {1.96 * sd / len(diffs) ** 0.5:.3f}" in row
+    assert "### Against erm at k = 1:" in table  # the other k of the protocol, paired the same way
+    versus_scratch = table.split("### Against scratch")[1].split("###")[0]
+    assert "| erm | " in versus_scratch and "| scratch | " not in versus_scratch
     short = (out / "summary.md").read_text()
     assert f"| erm, 2-shot (tuned steps) | {erm['adapted']['2']['fg_dice']['mean']:.3f} ± " in short
     def after_one_step(arm):  # a training run's metrics.json, scratch's eval.json
