@@ -60,3 +60,16 @@ def test_study_scratch_arm_is_evaluated_like_the_trained_arms(fold, tuned):
     for key in ("tune_datasets", "shots", "curve_steps", "tune_lrs", "tune_steps", "mode", "episodes"):
         assert scratch.eval[key] == trained.eval[key], key
     assert scratch.model == trained.model and scratch.data.heldout == [fold]
+
+
+def test_readme_study_table_is_the_recorded_results(tmp_path):
+    """The README's study table is scripts/study.py's summary of docs/study_results.json, row for row."""
+    import shutil
+
+    from tests.helpers import ROOT, load_script
+
+    study = load_script("study")
+    shutil.copy(ROOT / "docs" / "study_results.json", tmp_path / "results.json")
+    rows = study.summary_table(tmp_path, study.FOLDS, study.ARMS).strip().splitlines()
+    readme = (ROOT / "README.md").read_text().split("<!-- study-table -->")[1].split("<!-- /study-table -->")[0]
+    assert len(rows) > 4 and all(row in readme.splitlines() for row in rows)
