@@ -102,8 +102,10 @@ def test_bench_grid_rows_per_size_and_k_and_second_order_memory_grows_with_k(tmp
                    "--reps", "1", "--algorithms", "maml", "--backends", "func", "--json", str(tmp_path / "g.json"))
     rows = {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
     assert set(rows) == {(c, k) for c in ("plain", "maml/func") for k in (1, 4)}
-    printed = [line for line in stdout.splitlines() if line.startswith(("| plain |", "| maml/func |"))]
+    grid, growth = stdout.split("Growth from K=1 to K=4")  # the grid's rows, then the growth table's
+    printed = [line for line in grid.splitlines() if line.startswith(("| plain |", "| maml/func |"))]
     assert [line.split(" | ")[2] for line in printed] == ["1", "1", "4", "4"]  # K in increasing order
+    assert "| maml/func | 64 |" in growth
     assert all(line.split(" | ")[1] == "64" for line in printed)
     assert rows["maml/func", 4]["seconds"] > rows["maml/func", 1]["seconds"]
     # the unrolled graph of 4 steps holds ~4x the activations of 1 (hundreds of MiB at 64 px)
