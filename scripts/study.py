@@ -258,30 +258,28 @@ def tables(out: Path, folds: list[str], arms: list[str], k: str = "5") -> str:
                            "(paired over episodes; bold: the interval excludes 0)", head,
                            [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(k), curve_at(at(a, f), k, "0")))
                                   for f in folds]] for a in arms])]
-    for steps in ("tuned", "1", "10"):
-        where = "at each arm's tuned steps" if steps == "tuned" else f"after {steps} adaptation step(s)"
+    def tuned(shots: str):
+        """An arm's ``shots``-shot score at its tuned steps, a cell of results.json."""
+        return lambda arm, fold: at(arm, fold).get("shots", {}).get(shots)
 
-        def score(arm: str, fold: str) -> Optional[dict]:
-            r = at(arm, fold)
-            return r.get("shots", {}).get(k) if steps == "tuned" else curve_at(r, k, steps)
+    def against(base: str, title: str, score) -> list[str]:
+        """A section of paired differences: each other arm's ``score`` minus ``base``'s, episode by episode."""
+        return ["", *section(f"{title} (paired; bold: the interval excludes 0)", head,
+                             [[a, *[diff_cell(paired(score(a, f), score(base, f))) for f in folds]]
+                              for a in arms if a != base])]
 
-        lines += ["", *section(f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, {where} "
-                               "(paired; bold: the interval excludes 0)", head,
-                               [[a, *[diff_cell(paired(score(a, f), score(BASE, f))) for f in folds]]
-                                for a in arms if a != BASE])]
-    other_ks = sorted({s for r in record.values() for s in r.get("shots", {}) if s != k}, key=int)
-    for shots in other_ks:  # where an arm wins: every k, at the tuned steps
-        lines += ["", *section(f"### Against {BASE} at k = {shots}: {shots}-shot Dice minus {BASE}'s on the same "
-                               "episodes, at each arm's tuned steps (paired; bold: the interval excludes 0)", head,
-                               [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(shots),
-                                                       at(BASE, f).get("shots", {}).get(shots))) for f in folds]]
-                                for a in arms if a != BASE])]
+    lines += against(BASE, f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, at each arm's "
+                           "tuned steps", tuned(k))
+    for steps in ("1", "10"):
+        lines += against(BASE, f"### Against {BASE}: {k}-shot Dice minus {BASE}'s on the same episodes, after "
+                               f"{steps} adaptation step(s)", lambda a, f, steps=steps: curve_at(at(a, f), k, steps))
+    for shots in sorted({s for r in record.values() for s in r.get("shots", {}) if s != k}, key=int):
+        # where an arm wins: every k, at the tuned steps
+        lines += against(BASE, f"### Against {BASE} at k = {shots}: {shots}-shot Dice minus {BASE}'s on the same "
+                               "episodes, at each arm's tuned steps", tuned(shots))
     if "scratch" in arms:  # what the training mix is worth at all: every arm against a random init
-        lines += ["", *section(f"### Against scratch: {k}-shot Dice minus a random initialisation's on the same "
-                               "episodes, at each arm's tuned steps (paired; bold: the interval excludes 0)", head,
-                               [[a, *[diff_cell(paired(at(a, f).get("shots", {}).get(k),
-                                                       at("scratch", f).get("shots", {}).get(k))) for f in folds]]
-                                for a in arms if a != "scratch"])]
+        lines += against("scratch", f"### Against scratch: {k}-shot Dice minus a random initialisation's on the "
+                                    "same episodes, at each arm's tuned steps", tuned(k))
     budget_rows = []
     for key, r in record.items():
         b, t = r["budget"], r["tune"] or {}
