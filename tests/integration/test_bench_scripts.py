@@ -26,6 +26,14 @@ def bench(*args, timeout=600):
     return out.stdout
 
 
+def grid(tmp_path, algorithm: str, size: int, ks: list[str]):
+    """``--grid`` for one algorithm on the func backend beside plain steps, one thread and rep: its printed
+    tables and its JSON rows by (configuration, K)."""
+    stdout = bench("--grid", "--threads", "1", "--depth", "3", "--grid-sizes", str(size), "--grid-k", *ks,
+                   "--reps", "1", "--algorithms", algorithm, "--backends", "func", "--json", str(tmp_path / "g.json"))
+    return stdout, {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+
+
 def rows_of(stdout):
     return {m.group(1): m.groups()[1:] for m in map(ROW.match, stdout.splitlines()) if m}
 
@@ -98,12 +106,10 @@ def test_gpu_check_without_cuda_exits_cleanly(tmp_path):
 
 @pytest.mark.slow  # three processes at 64 px: ~40 s on two idle cores
 def test_bench_grid_rows_per_size_and_k_and_second_order_memory_grows_with_k(tmp_path):
-    stdout = bench("--grid", "--threads", "1", "--depth", "3", "--grid-sizes", "64", "--grid-k", "4", "1",
-                   "--reps", "1", "--algorithms", "maml", "--backends", "func", "--json", str(tmp_path / "g.json"))
-    rows = {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    stdout, rows = grid(tmp_path, "maml", 64, ["4", "1"])
     assert set(rows) == {(c, k) for c in ("plain", "maml/func") for k in (1, 4)}
-    grid, growth = stdout.split("Growth from K=1 to K=4")  # the grid's rows, then the growth table's
-    printed = [line for line in grid.splitlines() if line.startswith(("| plain |", "| maml/func |"))]
+    times, growth = stdout.split("Growth from K=1 to K=4")  # the grid's rows, then the growth table's
+    printed = [line for line in times.splitlines() if line.startswith(("| plain |", "| maml/func |"))]
     assert [line.split(" | ")[2] for line in printed] == ["1", "1", "4", "4"]  # K in increasing order
     assert "| maml/func | 64 |" in growth
     assert all(line.split(" | ")[1] == "64" for line in printed)
@@ -125,9 +131,7 @@ def test_bench_data_path_replays_the_real_loaders_tasks(tmp_path):
 
 @pytest.mark.slow  # two processes at 32 px: ~30 s on two idle cores
 def test_bench_grid_shows_imaml_memory_flat_in_k(tmp_path):
-    stdout = bench("--grid", "--threads", "1", "--depth", "3", "--grid-sizes", "32", "--grid-k", "1", "6",
-                   "--reps", "1", "--algorithms", "imaml", "--backends", "func", "--json", str(tmp_path / "g.json"))
-    rows = {(r["config"], r["k"]): r for r in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    stdout, rows = grid(tmp_path, "imaml", 32, ["1", "6"])
     assert set(rows) == {(c, k) for c in ("plain", "imaml/func") for k in (1, 6)}
     # no graph through the inner steps: six steps keep what one keeps (second-order MAML: ~30 MiB more per step)
     assert rows["imaml/func", 6]["peak_bytes"] < rows["imaml/func", 1]["peak_bytes"] + 10 * 2**20

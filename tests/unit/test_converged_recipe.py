@@ -3,11 +3,16 @@ A toy-size run of each: tests/integration/test_converged_recipe.py."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from metaseg.engine.training.trainer import validate
 from metaseg.utils.errors import ConfigError
-from tests.helpers import compose_cfg
+from tests.helpers import ROOT, compose_cfg, load_script
+
 
 @pytest.mark.parametrize("experiment", ["converged", "converged_meta", "converged_gpu"])
 @pytest.mark.parametrize("meta", ["erm", "fomaml", "anil", "maml"])
@@ -44,11 +49,6 @@ def test_gpu_meta_stage_is_the_gpu_network_with_the_meta_stage():
 def test_study_scratch_arm_is_evaluated_like_the_trained_arms(fold, tuned):
     """The study's scratch arm (metaseg-eval checkpoint=none) takes the erm recipe's evaluation block,
     then the fold's own keys: its adaptation is tuned on the same validation sets as the trained arms'."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from tests.helpers import load_script
-
     study = load_script("study")
     args = SimpleNamespace(data_root="data", seed=0, set=[], threads=1, experiment="converged")
     cmd = study.command(fold, "scratch", Path("run"), args, study.eval_block("converged", []))
@@ -64,10 +64,6 @@ def test_study_scratch_arm_is_evaluated_like_the_trained_arms(fold, tuned):
 
 def test_readme_study_table_is_the_recorded_results(tmp_path):
     """The README's study table is scripts/study.py's summary of docs/study_results.json, row for row."""
-    import shutil
-
-    from tests.helpers import ROOT, load_script
-
     study = load_script("study")
     shutil.copy(ROOT / "docs" / "study_results.json", tmp_path / "results.json")
     rows = study.summary_table(tmp_path, study.FOLDS, study.ARMS).strip().splitlines()
